@@ -1,0 +1,28 @@
+"""seggpt-jax: SegGPT (Segmenting Everything In Context) in JAX / Flax NNX."""
+
+__version__ = "0.1.0"
+
+from .checkpoint import CheckpointError, ModelNotFoundError
+from .config import ConfigError, SegGptConfig
+from .modeling import (
+    SegGptEncoderOutput,
+    SegGptForImageSegmentation,
+    SegGptImageSegmentationOutput,
+    SegGptModel,
+    feature_ensemble,
+    painter_loss,
+)
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "ModelNotFoundError",
+    "SegGptConfig",
+    "SegGptEncoderOutput",
+    "SegGptForImageSegmentation",
+    "SegGptImageSegmentationOutput",
+    "SegGptModel",
+    "feature_ensemble",
+    "painter_loss",
+    "__version__",
+]

@@ -1,0 +1,11 @@
+"""Checkpoint formats: reading (transformers, original BAAI, ours), mapping tables, saving."""
+
+from .loader import fill_parameters, flat_parameters, load_pretrained, save_pretrained
+from .readers import CheckpointError, open_weights
+from .sources import ModelNotFoundError, resolve
+from .tables import NATIVE, ORIGINAL, TABLES, TRANSFORMERS, detect_format
+
+__all__ = [
+    "CheckpointError", "ModelNotFoundError", "NATIVE", "ORIGINAL", "TABLES", "TRANSFORMERS", "detect_format",
+    "fill_parameters", "flat_parameters", "load_pretrained", "open_weights", "resolve", "save_pretrained",
+]

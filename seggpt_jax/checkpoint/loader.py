@@ -1,0 +1,208 @@
+"""One loader for every source format: build the model abstractly, fill it tensor by tensor.
+
+The model is first built with ``nnx.eval_shape`` (no memory), then each source tensor is matched by
+the format's table, its shape checked *before* its data is read, converted to our layout and dtype,
+and placed. Every source tensor must be used and every parameter filled; all problems are collected
+and raised together in one :class:`CheckpointError` that names the keys.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flax.nnx import statelib
+
+from ..config import ConfigError, SegGptConfig
+from . import sources
+from .readers import CheckpointError, TensorReader, open_weights
+from .tables import NATIVE, NATIVE_METADATA_KEY, TABLES, Table, detect_format
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+LAYOUT_VERSION = "1"
+_MAX_LISTED = 40
+
+
+def flat_parameters(model: nnx.Module) -> dict[str, Any]:
+    """``{"model.encoder.layers.0.attention.qkv.kernel": value, ...}`` for a model or its abstract twin."""
+    _, state = nnx.split(model)
+    return {".".join(str(part) for part in path): var for path, var in state.flat_state()}
+
+
+def _path_prefix(cls: type) -> str:
+    """Our tables target ``SegGptForImageSegmentation`` paths; the encoder alone lives under ``model.``."""
+    return getattr(cls, "_checkpoint_prefix", "")
+
+
+def _listing(title: str, items: list[str]) -> str:
+    shown = items[:_MAX_LISTED]
+    more = f"\n    ... and {len(items) - len(shown)} more" if len(items) > len(shown) else ""
+    return f"  {title} ({len(items)}):\n" + "\n".join(f"    {item}" for item in shown) + more
+
+
+def fill_parameters(reader: TensorReader, table: Table, abstract: dict[str, Any], *, prefix: str,
+                    param_dtype: Any, model_name: str) -> dict[str, jax.Array]:
+    """Map every tensor of ``reader`` onto ``abstract`` (path -> abstract Variable); raise on any problem."""
+    filled: dict[str, jax.Array] = {}
+    origin: dict[str, str] = {}
+    unexpected, mismatched, duplicated, bad_values, skipped = [], [], [], [], []
+    for key in reader.keys():
+        hit = table.match(key)
+        if hit is None:
+            unexpected.append(key)
+            continue
+        target, transform = hit
+        if prefix:
+            if not target.startswith(prefix):
+                skipped.append(key)  # e.g. the decoder when loading the encoder alone
+                continue
+            target = target[len(prefix):]
+        if target not in abstract:
+            unexpected.append(f"{key} (-> {target}: no such parameter in this model)")
+            continue
+        if target in origin:
+            duplicated.append(f"{key} and {origin[target]} both map to {target}")
+            continue
+        origin[target] = key
+        expected = tuple(abstract[target].shape)
+        source_shape = reader.shape(key)
+        ours = transform.shape(source_shape)
+        if ours != expected:
+            layout = f" ({transform.name} layout of {expected})" if transform.perm is not None else ""
+            mismatched.append(f"{key}: checkpoint has {source_shape}, model expects "
+                              f"{_source_shape(transform, expected)}{layout} for {target}")
+            continue
+        array = reader.get(key)
+        if not (np.issubdtype(array.dtype, np.floating) or array.dtype.name == "bfloat16"):
+            bad_values.append(f"{key}: dtype {array.dtype} is not floating point")
+            continue
+        if not np.all(np.isfinite(array.astype(np.float32) if array.dtype.name == "bfloat16" else array)):
+            bad_values.append(f"{key}: contains NaN or infinite values (corrupt checkpoint?)")
+            continue
+        filled[target] = jnp.asarray(transform.apply(array), dtype=param_dtype)
+        del array
+    missing = sorted(set(abstract) - set(filled) - {t for t in origin if t not in filled})
+    problems = []
+    if missing:
+        problems.append(_listing("parameters missing from the checkpoint", missing))
+    if unexpected:
+        problems.append(_listing("checkpoint tensors this model does not use", unexpected))
+    if mismatched:
+        problems.append(_listing("shape mismatches", mismatched))
+    if duplicated:
+        problems.append(_listing("tensors mapped twice", duplicated))
+    if bad_values:
+        problems.append(_listing("unusable values", bad_values))
+    if problems:
+        raise CheckpointError(f"{reader.description} ({table.name} layout) does not fit {model_name}:\n"
+                              + "\n".join(problems))
+    if skipped:
+        logger.info("%s: %d tensors not used by %s (e.g. %s)", reader.description, len(skipped), model_name, skipped[0])
+    return filled
+
+
+def _source_shape(transform, expected: tuple[int, ...]) -> tuple[int, ...]:
+    if transform.perm is None:
+        return expected
+    inverse = np.argsort(transform.perm)
+    return tuple(expected[i] for i in inverse)
+
+
+def _config_for(resolved: sources.Resolved, reader: TensorReader, explicit: SegGptConfig | None) -> SegGptConfig:
+    if explicit is not None:
+        if not isinstance(explicit, SegGptConfig):
+            raise TypeError(f"config must be a SegGptConfig, got {type(explicit).__name__}")
+        return explicit
+    if resolved.config_file is not None:
+        return SegGptConfig.from_json_file(resolved.config_file)
+    embedded = reader.metadata.get("config")
+    if embedded:
+        try:
+            return SegGptConfig.from_dict(json.loads(embedded), source=f"{resolved.weights} metadata")
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{resolved.weights}: config in metadata is not valid JSON: {e}") from None
+    logger.info("%s has no config.json: assuming the ViT-L config of the released checkpoint", resolved.weights)
+    return SegGptConfig.vit_large()
+
+
+def load_pretrained(cls: type, name_or_path: str | os.PathLike, *, revision: str | None = None,
+                    cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+                    token: str | bool | None = None, config: SegGptConfig | None = None,
+                    dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, precision: Any = None,
+                    layout: str | None = None):
+    """See :meth:`seggpt_jax.SegGptForImageSegmentation.from_pretrained`."""
+    resolved = sources.resolve(name_or_path, revision=revision, cache_dir=cache_dir,
+                               local_files_only=local_files_only, token=token)
+    with open_weights(resolved.weights) as reader:
+        try:
+            cfg = _config_for(resolved, reader, config)
+        except ConfigError as e:
+            raise CheckpointError(f"{resolved.description}: {e}") from None
+        keys = reader.keys()
+        if layout is not None:
+            if layout not in TABLES:
+                raise ValueError(f"layout must be one of {sorted(TABLES)}, got {layout!r}")
+            table = TABLES[layout]
+        else:
+            table = detect_format(keys, reader.metadata)
+            if table is None:
+                raise CheckpointError(f"{resolved.weights}: cannot tell the checkpoint layout from its keys "
+                                      f"(first keys: {keys[:8]}); expected transformers, original BAAI or "
+                                      f"seggpt-jax names")
+        abstract_model = nnx.eval_shape(lambda: cls(cfg, dtype=dtype, param_dtype=param_dtype, precision=precision,
+                                                    rngs=nnx.Rngs(0)))
+        graphdef, abstract_state = nnx.split(abstract_model)
+        abstract = {".".join(str(p) for p in path): var for path, var in abstract_state.flat_state()}
+        filled = fill_parameters(reader, table, abstract, prefix=_path_prefix(cls), param_dtype=jnp.dtype(param_dtype),
+                                 model_name=f"{cls.__name__} with this config")
+    leaves = [(path, var.replace(filled[".".join(str(p) for p in path)])) for path, var in abstract_state.flat_state()]
+    return nnx.merge(graphdef, statelib.State.from_flat_path(leaves))
+
+
+def save_pretrained(model: nnx.Module, directory: str | os.PathLike) -> None:
+    """Write ``config.json`` and ``model.safetensors`` (keys = our parameter paths) atomically."""
+    from safetensors.numpy import save_file
+
+    from .. import __version__
+
+    directory = os.fspath(directory)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise NotADirectoryError(f"save_pretrained needs a directory, but {directory} is a file")
+    os.makedirs(directory, exist_ok=True)
+    config: SegGptConfig = model.config
+    tensors = {key: np.asarray(jax.device_get(var[...])) for key, var in flat_parameters(model).items()}
+    metadata = {
+        "format": "np",
+        NATIVE_METADATA_KEY: LAYOUT_VERSION,
+        "model_class": type(model).__name__,
+        "config": json.dumps(config.to_dict(), sort_keys=True),
+    }
+    _atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda path: save_file(tensors, path, metadata=metadata))
+    _atomic_write(os.path.join(directory, sources.CONFIG_NAME),
+                  lambda path: config.to_json_file(path, seggpt_jax_version=__version__))
+
+
+def _atomic_write(target: str, write) -> None:
+    """Write to a temporary file beside ``target`` and rename: no half-written file is left behind."""
+    folder = os.path.dirname(target) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(target), dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+__all__ = ["CheckpointError", "fill_parameters", "flat_parameters", "load_pretrained", "save_pretrained", "NATIVE"]

@@ -1,0 +1,208 @@
+"""Lazy tensor readers: key listing and shapes without reading data, then one tensor at a time.
+
+Reading one tensor at a time (safetensors memory-maps; torch pickles are loaded with ``mmap=True``)
+keeps host memory near one copy of the weights plus the largest tensor while a model is filled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message names the problem."""
+
+
+class TensorReader:
+    """Interface: ``keys()``, ``shape(key)``, ``get(key) -> np.ndarray``, ``close()``, ``metadata``."""
+
+    description: str
+    metadata: dict[str, str]
+
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def get(self, key: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "TensorReader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class SafetensorsReader(TensorReader):
+    def __init__(self, path: str):
+        from safetensors import SafetensorError, safe_open
+
+        self.description = path
+        self._path = path
+        _check_file(path)
+        try:
+            self._file = safe_open(path, framework="numpy")
+            self._keys = list(self._file.keys())
+            self.metadata = dict(self._file.metadata() or {})
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._file.get_slice(key).get_shape())
+
+    def get(self, key: str) -> np.ndarray:
+        try:
+            return self._file.get_tensor(key)
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad data
+            raise CheckpointError(f"{self._path}: cannot read tensor {key!r}: {e}") from None
+
+    def close(self) -> None:
+        self._file = None
+
+
+class TorchReader(TensorReader):
+    """``torch.load(weights_only=True)`` of a state dict (``pytorch_model.bin``, BAAI ``.pth``).
+
+    The BAAI checkpoint keeps its state dict under ``"model"``; ``"state_dict"`` and a bare
+    state dict are accepted too, and a DDP ``module.`` prefix is removed.
+    """
+
+    def __init__(self, path: str):
+        self.description = path
+        self.metadata = {}
+        _check_file(path)
+        try:
+            import torch
+        except ImportError:
+            raise CheckpointError(
+                f"{path} is a PyTorch pickle; reading it needs torch: pip install 'seggpt-jax[convert]' "
+                "(or convert it once elsewhere with `seggpt-jax convert` and load the safetensors result)"
+            ) from None
+        self._torch = torch
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        except Exception as e:  # noqa: BLE001 - torch raises RuntimeError/UnpicklingError/EOFError...
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
+                                  f"{type(e).__name__}: {e}") from None
+        state = obj
+        if isinstance(obj, dict):
+            for wrapper in ("model", "state_dict", "model_state_dict"):
+                if wrapper in obj and isinstance(obj[wrapper], dict):
+                    state = obj[wrapper]
+                    break
+        if not isinstance(state, dict) or not state:
+            raise CheckpointError(f"{path}: expected a state dict of tensors (optionally under 'model'), "
+                                  f"found {type(state).__name__}")
+        tensors = {}
+        for key, value in state.items():
+            if not isinstance(key, str):
+                raise CheckpointError(f"{path}: state dict key {key!r} is not a string")
+            if not isinstance(value, torch.Tensor):
+                raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+            tensors[key[len("module."):] if key.startswith("module.") else key] = value
+        self._tensors = tensors
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensors[key].shape)
+
+    def get(self, key: str) -> np.ndarray:
+        tensor = self._tensors[key].detach()
+        try:
+            if tensor.dtype == self._torch.bfloat16:
+                import ml_dtypes
+
+                return tensor.contiguous().view(self._torch.uint16).numpy().view(ml_dtypes.bfloat16)
+            return tensor.contiguous().numpy()
+        except Exception as e:  # noqa: BLE001 - e.g. storage past the end of a truncated mmap
+            raise CheckpointError(f"{self.description}: cannot read tensor {key!r}: {e}") from None
+
+    def close(self) -> None:
+        self._tensors = {}
+
+
+class ShardedReader(TensorReader):
+    """A ``*.index.json`` ``weight_map`` over several shards, each read lazily."""
+
+    def __init__(self, index_path: str, open_shard):
+        self.description = index_path
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                index = json.load(f)
+            weight_map = index["weight_map"]
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ValueError("weight_map is empty")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index_path}: not a valid sharded-checkpoint index: {e}") from None
+        self.metadata = dict(index.get("metadata") or {}) if isinstance(index.get("metadata"), dict) else {}
+        folder = os.path.dirname(index_path)
+        self._where = {key: os.path.join(folder, shard) for key, shard in weight_map.items()}
+        missing_files = sorted({p for p in self._where.values() if not os.path.isfile(p)})
+        if missing_files:
+            raise CheckpointError(f"{index_path}: shard files listed in the index are missing: {missing_files}")
+        self._shards: dict[str, TensorReader] = {}
+        for path in sorted(set(self._where.values())):
+            shard = open_shard(path)
+            self._shards[path] = shard
+            listed = {k for k, p in self._where.items() if p == path}
+            absent = sorted(listed - set(shard.keys()))
+            if absent:
+                self.close()
+                raise CheckpointError(f"{path}: tensors listed in {os.path.basename(index_path)} are not in "
+                                      f"this shard: {absent[:20]}")
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shards[self._where[key]].shape(key)
+
+    def get(self, key: str) -> np.ndarray:
+        return self._shards[self._where[key]].get(key)
+
+    def close(self) -> None:
+        for shard in self._shards.values():
+            shard.close()
+        self._shards = {}
+
+
+def _check_file(path: str) -> None:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path}: file is empty")
+
+
+def open_weights(path: str) -> TensorReader:
+    """A reader for one weight file or a sharded index, chosen by file name."""
+    name = os.path.basename(path)
+    if name.endswith(".index.json"):
+        inner = SafetensorsReader if ".safetensors" in name else TorchReader
+        return ShardedReader(path, inner)
+    if name.endswith(".safetensors"):
+        return SafetensorsReader(path)
+    if name.endswith((".bin", ".pth", ".pt", ".ckpt")):
+        return TorchReader(path)
+    raise CheckpointError(f"{path}: unknown weight file type (expected .safetensors, .bin, .pth, .pt or an "
+                          ".index.json of shards)")
+
+
+def iter_keys_with_shapes(reader: TensorReader) -> Iterator[tuple[str, tuple[int, ...]]]:
+    for key in reader.keys():
+        yield key, reader.shape(key)

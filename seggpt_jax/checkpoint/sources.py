@@ -1,0 +1,203 @@
+"""Resolve what ``from_pretrained`` was given into a config file and weight files.
+
+Accepted: a local directory (transformers layout or ours), a single weight file (an original BAAI
+``.pth``, a ``pytorch_model.bin``, a ``.safetensors``, or a sharded ``*.index.json``), or a Hugging Face
+Hub repo id fetched with ``huggingface_hub`` (config and weight files only; safetensors preferred).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import socket
+import urllib.parse
+
+from .readers import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+#: Weight files looked for in a directory or Hub repo, in order of preference.
+WEIGHT_NAMES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+#: The original BAAI release (Hub repo ``BAAI/SegGPT``), tried when a repo has no config.json.
+ORIGINAL_NAMES = ("seggpt_vit_large.pth",)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".index.json")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$|^[A-Za-z0-9][\w.\-]*$")
+
+
+class ModelNotFoundError(CheckpointError, FileNotFoundError):
+    """The name is neither a local checkpoint nor reachable on the Hub or in its cache."""
+
+
+@dataclasses.dataclass
+class Resolved:
+    """Where the config and the weights of a checkpoint are."""
+
+    description: str
+    weights: str  # a weight file or an *.index.json
+    config_file: str | None  # None: config must come from the caller, the file's metadata, or the ViT-L default
+
+
+_HOW_TO_PASS_A_PATH = (
+    "To load a checkpoint you already have, pass its local path instead, e.g. "
+    "SegGptForImageSegmentation.from_pretrained('/path/to/seggpt-vit-large') (a folder with config.json and "
+    "model.safetensors or pytorch_model.bin) or from_pretrained('/path/to/seggpt_vit_large.pth') (the original "
+    "BAAI file). On a machine with network access, `huggingface-cli download BAAI/seggpt-vit-large --local-dir DIR` "
+    "makes such a folder."
+)
+
+
+def resolve(name_or_path: str | os.PathLike, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+            local_files_only: bool = False, token: str | bool | None = None) -> Resolved:
+    path = os.path.expanduser(os.fspath(name_or_path))
+    if os.path.isdir(path):
+        return _resolve_directory(path)
+    if os.path.isfile(path):
+        return _resolve_file(path)
+    if _looks_like_path(path):
+        raise ModelNotFoundError(f"no such file or directory: {path}")
+    if not _REPO_ID.match(path):
+        raise ModelNotFoundError(
+            f"{path!r} is neither an existing local path nor a Hugging Face repo id ('organisation/name'). "
+            + _HOW_TO_PASS_A_PATH)
+    return _resolve_hub(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+
+
+def _looks_like_path(text: str) -> bool:
+    """Repo ids are ``name`` or ``org/name``; anything else path-like is reported as a missing path."""
+    return (text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
+            or text.endswith(_WEIGHT_SUFFIXES))
+
+
+def _resolve_directory(folder: str) -> Resolved:
+    config = os.path.join(folder, CONFIG_NAME)
+    for name in WEIGHT_NAMES:
+        candidate = os.path.join(folder, name)
+        if os.path.isfile(candidate):
+            if not os.path.isfile(config):
+                raise CheckpointError(f"{folder}: has {name} but no {CONFIG_NAME}; a transformers-layout folder "
+                                      f"needs both (or pass the weight file itself together with config=...)")
+            return Resolved(folder, candidate, config)
+    originals = sorted(f for f in os.listdir(folder) if f.endswith((".pth", ".pt")))
+    if len(originals) == 1:
+        return _resolve_file(os.path.join(folder, originals[0]))
+    found = sorted(os.listdir(folder))
+    raise CheckpointError(
+        f"{folder}: no weights found; expected one of {list(WEIGHT_NAMES)} (with {CONFIG_NAME}) or a single "
+        f"original .pth file; the folder holds {found[:20]}{' ...' if len(found) > 20 else ''}")
+
+
+def _resolve_file(path: str) -> Resolved:
+    if not path.endswith(_WEIGHT_SUFFIXES):
+        if os.path.basename(path) == CONFIG_NAME:
+            return _resolve_directory(os.path.dirname(path) or ".")
+        raise CheckpointError(f"{path}: unknown weight file type (expected .safetensors, .bin, .pth, .pt, or a "
+                              f"sharded .index.json)")
+    sibling = os.path.join(os.path.dirname(path), CONFIG_NAME)
+    return Resolved(path, path, sibling if os.path.isfile(sibling) else None)
+
+
+# ------------------------------------------------------------------------------------ the Hub
+def _offline_reason(local_files_only: bool) -> str | None:
+    if local_files_only:
+        return "local_files_only=True was given"
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return "HF_HUB_OFFLINE is set"
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "huggingface_hub is in offline mode"
+    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    if not _reachable(endpoint):
+        return f"the Hub ({endpoint}) cannot be reached"
+    return None
+
+
+def _reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """One TCP connect, so an offline machine falls back to the cache at once instead of retrying."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # a proxy decides; let huggingface_hub try
+    url = urllib.parse.urlparse(endpoint)
+    host = url.hostname
+    if not host:
+        return True
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _resolve_hub(repo_id: str, *, revision, cache_dir, local_files_only: bool, token) -> Resolved:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    offline = _offline_reason(local_files_only)
+    where = f"{repo_id}" + (f"@{revision}" if revision else "")
+
+    def download(filename: str) -> str:
+        return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
+                               local_files_only=offline is not None, token=token, library_name="seggpt-jax")
+
+    def not_found(what: str) -> ModelNotFoundError:
+        from huggingface_hub import constants
+
+        cache = os.fspath(cache_dir) if cache_dir else constants.HF_HUB_CACHE
+        if offline is not None:
+            return ModelNotFoundError(f"cannot load {where!r}: {what} is not in the Hugging Face cache ({cache}) and "
+                                      f"{offline}. " + _HOW_TO_PASS_A_PATH)
+        return ModelNotFoundError(f"cannot load {where!r}: {what}. " + _HOW_TO_PASS_A_PATH)
+
+    try:
+        config = download(CONFIG_NAME)
+    except GatedRepoError:
+        raise ModelNotFoundError(f"{repo_id!r} is gated on the Hub: accept its terms and pass token=...") from None
+    except RepositoryNotFoundError:
+        raise not_found("the repository does not exist on the Hub (or is private: pass token=...)") from None
+    except RevisionNotFoundError:
+        raise not_found(f"revision {revision!r} does not exist") from None
+    except LocalEntryNotFoundError:
+        raise not_found(CONFIG_NAME) from None
+    except EntryNotFoundError:
+        config = None  # e.g. BAAI/SegGPT holds only the original .pth
+    except OSError as e:  # network trouble after the reachability check
+        raise not_found(f"downloading {CONFIG_NAME} failed ({e})") from None
+
+    names = WEIGHT_NAMES if config is not None else ORIGINAL_NAMES
+    for name in names:
+        try:
+            weights = download(name)
+        except (EntryNotFoundError, LocalEntryNotFoundError):
+            continue
+        except OSError as e:
+            raise not_found(f"downloading {name} failed ({e})") from None
+        if name.endswith(".index.json"):
+            try:
+                _download_shards(weights, download)
+            except LocalEntryNotFoundError as e:
+                raise not_found(f"a shard listed in {name} ({e})") from None
+            except OSError as e:
+                raise not_found(f"downloading the shards of {name} failed ({e})") from None
+        return Resolved(f"{where} ({os.path.dirname(weights)})", weights, config)
+    raise not_found(f"none of the weight files {list(names)}")
+
+
+def _download_shards(index_path: str, download) -> None:
+    import json
+
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index_path}: not a valid sharded-checkpoint index: {e}") from None
+    for shard in shards:
+        download(shard)
