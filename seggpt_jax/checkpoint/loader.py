@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from flax.nnx import statelib
 
 from ..config import ConfigError, SegGptConfig
 from . import sources
@@ -35,7 +34,7 @@ _MAX_LISTED = 40
 def flat_parameters(model: nnx.Module) -> dict[str, Any]:
     """``{"model.encoder.layers.0.attention.qkv.kernel": value, ...}`` for a model or its abstract twin."""
     _, state = nnx.split(model)
-    return {".".join(str(part) for part in path): var for path, var in state.flat_state()}
+    return {".".join(str(part) for part in path): var for path, var in nnx.to_flat_state(state)}
 
 
 def _path_prefix(cls: type) -> str:
@@ -77,9 +76,9 @@ def fill_parameters(reader: TensorReader, table: Table, abstract: dict[str, Any]
         source_shape = reader.shape(key)
         ours = transform.shape(source_shape)
         if ours != expected:
-            layout = f" ({transform.name} layout of {expected})" if transform.perm is not None else ""
+            ours_note = f" ({target} {expected} after the {transform.name} transpose)" if transform.perm else ""
             mismatched.append(f"{key}: checkpoint has {source_shape}, model expects "
-                              f"{_source_shape(transform, expected)}{layout} for {target}")
+                              f"{_source_shape(transform, expected)}{ours_note}")
             continue
         array = reader.get(key)
         if not (np.issubdtype(array.dtype, np.floating) or array.dtype.name == "bfloat16"):
@@ -117,21 +116,24 @@ def _source_shape(transform, expected: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(expected[i] for i in inverse)
 
 
-def _config_for(resolved: sources.Resolved, reader: TensorReader, explicit: SegGptConfig | None) -> SegGptConfig:
+def _config_for(resolved: sources.Resolved, reader: TensorReader,
+                explicit: SegGptConfig | None) -> tuple[SegGptConfig, str]:
+    """The config to build the model with, and where it came from (for messages)."""
     if explicit is not None:
         if not isinstance(explicit, SegGptConfig):
             raise TypeError(f"config must be a SegGptConfig, got {type(explicit).__name__}")
-        return explicit
+        return explicit, "the config= argument"
     if resolved.config_file is not None:
-        return SegGptConfig.from_json_file(resolved.config_file)
+        return SegGptConfig.from_json_file(resolved.config_file), resolved.config_file
     embedded = reader.metadata.get("config")
     if embedded:
+        source = f"the config in {resolved.weights}'s metadata"
         try:
-            return SegGptConfig.from_dict(json.loads(embedded), source=f"{resolved.weights} metadata")
+            return SegGptConfig.from_dict(json.loads(embedded), source=source), source
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{resolved.weights}: config in metadata is not valid JSON: {e}") from None
     logger.info("%s has no config.json: assuming the ViT-L config of the released checkpoint", resolved.weights)
-    return SegGptConfig.vit_large()
+    return SegGptConfig.vit_large(), "the default ViT-L config (no config.json found; pass config=...)"
 
 
 def load_pretrained(cls: type, name_or_path: str | os.PathLike, *, revision: str | None = None,
@@ -144,9 +146,9 @@ def load_pretrained(cls: type, name_or_path: str | os.PathLike, *, revision: str
                                local_files_only=local_files_only, token=token)
     with open_weights(resolved.weights) as reader:
         try:
-            cfg = _config_for(resolved, reader, config)
-        except ConfigError as e:
-            raise CheckpointError(f"{resolved.description}: {e}") from None
+            cfg, cfg_source = _config_for(resolved, reader, config)
+        except ConfigError as e:  # its message names the config file
+            raise CheckpointError(str(e)) from None
         keys = reader.keys()
         if layout is not None:
             if layout not in TABLES:
@@ -161,11 +163,12 @@ def load_pretrained(cls: type, name_or_path: str | os.PathLike, *, revision: str
         abstract_model = nnx.eval_shape(lambda: cls(cfg, dtype=dtype, param_dtype=param_dtype, precision=precision,
                                                     rngs=nnx.Rngs(0)))
         graphdef, abstract_state = nnx.split(abstract_model)
-        abstract = {".".join(str(p) for p in path): var for path, var in abstract_state.flat_state()}
+        flat_abstract = nnx.to_flat_state(abstract_state)
+        abstract = {".".join(str(p) for p in path): var for path, var in flat_abstract}
         filled = fill_parameters(reader, table, abstract, prefix=_path_prefix(cls), param_dtype=jnp.dtype(param_dtype),
-                                 model_name=f"{cls.__name__} with this config")
-    leaves = [(path, var.replace(filled[".".join(str(p) for p in path)])) for path, var in abstract_state.flat_state()]
-    return nnx.merge(graphdef, statelib.State.from_flat_path(leaves))
+                                 model_name=f"{cls.__name__} built from {cfg_source}")
+    leaves = [(path, var.replace(filled[".".join(str(p) for p in path)])) for path, var in flat_abstract]
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
 def save_pretrained(model: nnx.Module, directory: str | os.PathLike) -> None:

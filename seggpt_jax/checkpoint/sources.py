@@ -49,7 +49,7 @@ _HOW_TO_PASS_A_PATH = (
     "To load a checkpoint you already have, pass its local path instead, e.g. "
     "SegGptForImageSegmentation.from_pretrained('/path/to/seggpt-vit-large') (a folder with config.json and "
     "model.safetensors or pytorch_model.bin) or from_pretrained('/path/to/seggpt_vit_large.pth') (the original "
-    "BAAI file). On a machine with network access, `huggingface-cli download BAAI/seggpt-vit-large --local-dir DIR` "
+    "BAAI file). On a machine with network access, `hf download BAAI/seggpt-vit-large --local-dir DIR` "
     "makes such a folder."
 )
 

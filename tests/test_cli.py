@@ -1,0 +1,104 @@
+"""``python -m convert``, ``python convert`` and ``seggpt-jax convert|info``: results, reports, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import TINY_CONFIGS
+
+from seggpt_jax import SegGptForImageSegmentation
+from seggpt_jax.checkpoint import flat_parameters
+from seggpt_jax.cli import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONSOLE_SCRIPT = os.path.join(os.path.dirname(sys.executable), "seggpt-jax")
+
+
+def _same_parameters(a_path, b_path):
+    a = flat_parameters(SegGptForImageSegmentation.from_pretrained(a_path))
+    b = flat_parameters(SegGptForImageSegmentation.from_pretrained(b_path))
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(np.asarray(a[key][...]), np.asarray(b[key][...]), err_msg=key)
+
+
+@pytest.mark.parametrize("entry", ["python -m convert", "python convert", "seggpt-jax convert"])
+def test_conversion_entry_points(hf_tiny, tmp_path, entry):
+    _, src = hf_tiny("nonsquare")
+    out = tmp_path / "converted"
+    command = {"python -m convert": [sys.executable, "-m", "convert"],
+               "python convert": [sys.executable, "convert"],
+               "seggpt-jax convert": [CONSOLE_SCRIPT, "convert"]}[entry]
+    result = subprocess.run([*command, src, str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "reload is bit-identical" in result.stdout
+    assert "parity against transformers (read by transformers from SRC" in result.stdout
+    assert "parity OK: pred_masks max abs error" in result.stdout
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    _same_parameters(src, out)
+
+
+def test_convert_original_pth_reports_parity_through_transformers(hf_tiny, tmp_path, capsys):
+    _, src = hf_tiny("nonsquare", "original")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY_CONFIGS["nonsquare"]))
+    assert main(["convert", src, str(tmp_path / "out"), "--config", str(config)]) == 0
+    printed = capsys.readouterr().out
+    assert "our weights exported to transformers" in printed and "parity OK" in printed
+    _same_parameters(hf_tiny("nonsquare")[1], tmp_path / "out")
+
+
+def test_convert_to_bfloat16_without_parity(hf_tiny, tmp_path, capsys):
+    _, src = hf_tiny("nonsquare", "bin")
+    assert main(["convert", src, str(tmp_path / "out"), "--dtype", "bfloat16", "--no-parity"]) == 0
+    assert "bfloat16" in capsys.readouterr().out
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "out" / "model.safetensors", "numpy") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"bfloat16"}
+    model = SegGptForImageSegmentation.from_pretrained(tmp_path / "out")  # float32 parameters by default
+    assert str(next(iter(flat_parameters(model).values()))[...].dtype) == "float32"
+
+
+def test_convert_errors_are_one_clear_line_and_leave_nothing_behind(hf_tiny, tmp_path, capsys):
+    assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("seggpt-jax convert: error: no such file or directory:") and err.count("\n") == 1
+
+    _, src = hf_tiny("nonsquare")
+    broken = tmp_path / "broken"
+    shutil.copytree(src, broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 3])
+    assert main(["convert", str(broken), str(tmp_path / "out")]) == 1
+    assert "truncated or corrupt" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".convert-")]
+
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    assert main(["convert", src, str(tmp_path / "busy")]) == 1
+    assert "is not empty; pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
+
+
+def test_info(hf_tiny, capsys):
+    _, src = hf_tiny("nonsquare")
+    assert main(["info", src]) == 0
+    printed = capsys.readouterr().out
+    assert "M parameters, float32, hidden 32 x 6 layers, canvas 64x32, device" in printed
+    assert '"merge_index": 2' in printed
+
+
+@pytest.mark.parametrize("command", [["--help"], ["convert", "--help"], ["info", "--help"]])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(command)
+    assert exit_.value.code == 0
+    assert "usage: seggpt-jax" in capsys.readouterr().out
