@@ -224,3 +224,40 @@ def test_missing_paths_and_bad_names():
         SegGptForImageSegmentation.from_pretrained("weights/seggpt_vit_large.pth")
     with pytest.raises(ModelNotFoundError, match="neither an existing local path nor a Hugging Face repo id"):
         SegGptForImageSegmentation.from_pretrained("not a repo id!")
+
+
+def test_safetensors_reader_agrees_with_the_safetensors_library(tmp_path):
+    """Our positioned-read reader against safetensors' own, over every dtype and edge shapes."""
+    import ml_dtypes
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    from seggpt_jax.checkpoint.readers import SafetensorsReader
+
+    rng = np.random.default_rng(0)
+    tensors = {
+        "f32": rng.standard_normal((3, 5)).astype(np.float32),
+        "f64": rng.standard_normal((2,)),
+        "f16": rng.standard_normal((4, 1, 2)).astype(np.float16),
+        "bf16": rng.standard_normal((7,)).astype(ml_dtypes.bfloat16),
+        "i64": np.arange(6, dtype=np.int64).reshape(2, 3),
+        "u8": np.arange(5, dtype=np.uint8),
+        "bool": np.array([True, False]),
+        "scalar": np.array(3.5, dtype=np.float32),
+        "empty": np.zeros((0, 4), dtype=np.float32),
+    }
+    path = str(tmp_path / "all.safetensors")
+    save_file(tensors, path, metadata={"note": "hello"})
+    with SafetensorsReader(path) as ours, safe_open(path, "numpy") as theirs:
+        assert sorted(ours.keys()) == sorted(theirs.keys()) and ours.metadata == {"note": "hello"}
+        for key in theirs.keys():
+            a, b = ours.get(key), theirs.get_tensor(key)
+            assert a.dtype == b.dtype and a.shape == b.shape == ours.shape(key), key
+            np.testing.assert_array_equal(a, b, err_msg=key)
+    data = open(path, "rb").read()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-3])
+    with pytest.raises(CheckpointError, match=r"cut.safetensors: .* places [12] tensors beyond its end"):
+        SafetensorsReader(str(tmp_path / "cut.safetensors"))
+    (tmp_path / "header.safetensors").write_bytes((10 ** 12).to_bytes(8, "little") + b"{}")
+    with pytest.raises(CheckpointError, match="header length field says 1000000000000 bytes"):
+        SafetensorsReader(str(tmp_path / "header.safetensors"))

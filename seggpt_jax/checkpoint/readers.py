@@ -44,34 +44,87 @@ class TensorReader:
         self.close()
 
 
-class SafetensorsReader(TensorReader):
-    def __init__(self, path: str):
-        from safetensors import SafetensorError, safe_open
+# safetensors dtype codes -> little-endian numpy dtypes (ml_dtypes ships with jax).
+def _safetensors_dtypes() -> dict[str, np.dtype]:
+    import ml_dtypes
 
+    return {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+            "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+            "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
+            "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U64": np.dtype("<u8"), "U32": np.dtype("<u4"),
+            "U16": np.dtype("<u2"), "U8": np.dtype("u1"), "BOOL": np.dtype("bool")}
+
+
+class SafetensorsReader(TensorReader):
+    """Reads the safetensors format (8-byte little-endian header length, JSON header, raw data).
+
+    Tensors are read with plain positioned reads into one array each, not through a memory map, so
+    the file's pages do not stay resident while the model is filled. The header is checked up front:
+    a truncated file is reported with the tensors that lie beyond its end.
+    """
+
+    _MAX_HEADER = 100 * 1024 * 1024
+
+    def __init__(self, path: str):
         self.description = path
         self._path = path
         _check_file(path)
-        try:
-            self._file = safe_open(path, framework="numpy")
-            self._keys = list(self._file.keys())
-            self.metadata = dict(self._file.metadata() or {})
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+        size = os.path.getsize(path)
+        bad = f"{path}: not a readable safetensors file (truncated or corrupt?): "
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+            if length <= 0 or length > min(self._MAX_HEADER, size - 8):
+                raise CheckpointError(bad + f"header length field says {length} bytes, the file has {size}")
+            try:
+                header = json.loads(f.read(length))
+                if not isinstance(header, dict):
+                    raise ValueError("header is not a JSON object")
+            except (ValueError, UnicodeDecodeError) as e:
+                raise CheckpointError(bad + f"header is not valid JSON ({e})") from None
+        metadata = header.pop("__metadata__", None) or {}
+        self.metadata = {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
+        dtypes = _safetensors_dtypes()
+        self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+        beyond = []
+        start = 8 + length
+        for key, info in header.items():
+            try:
+                dtype = dtypes[info["dtype"]]
+                shape = tuple(int(d) for d in info["shape"])
+                begin, end = (int(x) for x in info["data_offsets"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise CheckpointError(bad + f"tensor {key!r} has a malformed header entry {info!r} ({e})") from None
+            if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or begin < 0:
+                raise CheckpointError(bad + f"tensor {key!r}: {info['dtype']} {list(shape)} does not fill bytes "
+                                            f"[{begin}, {end})")
+            if start + end > size:
+                beyond.append(key)
+            self._entries[key] = (dtype, shape, start + begin, end - begin)
+        if beyond:
+            raise CheckpointError(bad + f"the file has {size} bytes but the header places {len(beyond)} tensors "
+                                        f"beyond its end (e.g. {beyond[0]!r})")
+        self._file = open(path, "rb")
 
     def keys(self) -> list[str]:
-        return list(self._keys)
+        return list(self._entries)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._file.get_slice(key).get_shape())
+        return self._entries[key][1]
 
     def get(self, key: str) -> np.ndarray:
-        try:
-            return self._file.get_tensor(key)
-        except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad data
-            raise CheckpointError(f"{self._path}: cannot read tensor {key!r}: {e}") from None
+        dtype, shape, offset, nbytes = self._entries[key]
+        array = np.empty(shape, dtype=dtype)
+        self._file.seek(offset)
+        got = self._file.readinto(array.reshape(-1).view(np.uint8)) if nbytes else 0
+        if got != nbytes:
+            raise CheckpointError(f"{self._path}: tensor {key!r} is cut short ({got} of {nbytes} bytes)")
+        return array
 
     def close(self) -> None:
-        self._file = None
+        if getattr(self, "_file", None) is not None:
+            self._file.close()
+            self._file = None
 
 
 class TorchReader(TensorReader):
