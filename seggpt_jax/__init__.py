@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from .checkpoint import CheckpointError, ModelNotFoundError
 from .config import ConfigError, SegGptConfig
+from .runtime import RuntimeConfig, enable_compilation_cache
 from .modeling import (
     SegGptEncoderOutput,
     SegGptForImageSegmentation,
@@ -17,6 +18,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "ModelNotFoundError",
+    "RuntimeConfig",
     "SegGptConfig",
     "SegGptEncoderOutput",
     "SegGptForImageSegmentation",
@@ -24,5 +26,6 @@ __all__ = [
     "SegGptModel",
     "feature_ensemble",
     "painter_loss",
+    "enable_compilation_cache",
     "__version__",
 ]

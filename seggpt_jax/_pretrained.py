@@ -13,7 +13,8 @@ class PretrainedMixin:
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, revision: str | None = None,
                         cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
                         token: str | bool | None = None, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                        precision: Any = None, config: Any = None, layout: str | None = None):
+                        precision: Any = None, runtime: Any = None, config: Any = None,
+                        layout: str | None = None):
         """Load weights from the Hub, a local folder or file, in any supported layout.
 
         Args:
@@ -25,6 +26,7 @@ class PretrainedMixin:
                 and ``HF_HUB_OFFLINE`` are respected, and an unreachable Hub falls back to the cache.
             dtype: compute dtype (``jnp.bfloat16`` for mixed precision); param_dtype: storage dtype.
             precision: matmul precision for every dot (``"highest"`` for float32 parity on GPU/TPU).
+            runtime: a :class:`RuntimeConfig` (attention kernel, layer scan, remat); default: auto.
             config: a :class:`SegGptConfig` for files that carry none (default for those: ViT-L).
             layout: force ``"transformers"``, ``"original"`` or ``"seggpt-jax"`` instead of detecting it.
 
@@ -36,7 +38,7 @@ class PretrainedMixin:
 
         return load_pretrained(cls, name_or_path, revision=revision, cache_dir=cache_dir,
                                local_files_only=local_files_only, token=token, config=config, dtype=dtype,
-                               param_dtype=param_dtype, precision=precision, layout=layout)
+                               param_dtype=param_dtype, precision=precision, runtime=runtime, layout=layout)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write ``config.json`` + ``model.safetensors`` keyed by Flax parameter path; loads back exactly."""

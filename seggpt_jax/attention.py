@@ -51,3 +51,139 @@ def attention_plain(
         logits = logits.reshape(batch, heads, seq, seq)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     return jnp.einsum("bnqk,bknd->bqnd", weights, v, precision=precision)
+
+
+# ------------------------------------------------------------------------------------ fast paths
+ATTENTION_IMPLS = ("auto", "plain", "chunked", "widened")
+
+
+def resolve_impl(impl: str, dtype) -> str:
+    """``"auto"`` -> the fastest path for the default backend and compute dtype.
+
+    CPU and TPU: ``"chunked"`` (cache-sized tiles; the relative terms are added inside each tile).
+    GPU: ``"widened"`` in bfloat16/float16 (cuDNN fused attention via ``jax.nn.dot_product_attention``),
+    ``"plain"`` in float32 (cuDNN's fused kernels take half precision only).
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    if jax.default_backend() == "gpu":
+        return "widened" if jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) else "plain"
+    return "chunked"
+
+
+def _tile_rows(rows: int, cols: int, max_queries: int = 512) -> int:
+    """Largest number of grid rows per tile that divides ``rows`` with at most ``max_queries`` queries."""
+    best = 1
+    for r in range(1, rows + 1):
+        if rows % r == 0 and r * cols <= max_queries:
+            best = r
+    return best
+
+
+def attention_chunked(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    scale: float,
+    grid: tuple[int, int],
+    rel_pos: tuple[jax.Array, jax.Array] | None,
+    precision=None,
+    tile_rows: int | None = None,
+) -> jax.Array:
+    """Attention in ``[tile_rows * W, N]`` tiles, one head at a time (``lax.map``).
+
+    Only one tile of logits exists at a time (392 x 1568 for ViT-L: 2.5 MB), so on CPU the softmax
+    and the relative-position adds stay in cache. Same operation order as :func:`attention_plain`.
+    """
+    batch, seq, heads, dim = q.shape
+    rows, cols = grid
+    r = tile_rows or _tile_rows(rows, cols)
+    if rows % r:
+        raise ValueError(f"tile_rows={r} must divide the {rows} grid rows")
+    chunks, bn = rows // r, batch * heads
+    per_head = lambda t: t.transpose(0, 2, 1, 3).reshape(bn, seq, dim)  # noqa: E731  [B*n, N, hd]
+    q_heads, k_heads, v_heads = per_head(q), per_head(k), per_head(v)
+    scaled = (q_heads * jnp.asarray(scale, q.dtype)).reshape(bn * chunks, r * cols, dim)
+    head_of_tile = jnp.repeat(jnp.arange(bn), chunks)
+    xs = (scaled, head_of_tile)
+    if rel_pos is not None:
+        table_h, table_w = relative_tables(*rel_pos, grid)
+        q_grid = q_heads.reshape(bn, rows, cols, dim)  # the unscaled query, as transformers
+        rel_h = jnp.einsum("bhwc,hkc->bhwk", q_grid, table_h.astype(q.dtype), precision=precision)  # [Bn, H, W, H]
+        rel_w = jnp.einsum("bhwc,wkc->bhwk", q_grid, table_w.astype(q.dtype), precision=precision)  # [Bn, H, W, W]
+        xs += (rel_h.reshape(bn * chunks, r, cols, rows), rel_w.reshape(bn * chunks, r, cols, cols))
+
+    def tile(args):
+        q_tile, head = args[0], args[1]
+        logits = jnp.einsum("qd,kd->qk", q_tile, k_heads[head], precision=precision)  # [r*W, N]
+        if rel_pos is not None:
+            logits = logits.reshape(r, cols, rows, cols) + args[2][..., :, None] + args[3][..., None, :]
+            logits = logits.reshape(r * cols, seq)
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        return jnp.einsum("qk,kd->qd", weights, v_heads[head], precision=precision)
+
+    out = jax.lax.map(tile, xs)  # [Bn * chunks, r * W, hd]
+    return out.reshape(batch, heads, seq, dim).transpose(0, 2, 1, 3)
+
+
+def widen(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, grid: tuple[int, int],
+          rel_pos: tuple[jax.Array, jax.Array], precision=None, multiple: int = 8):
+    """Fold the relative terms into the dot product: ``q' . k' = scale q.k + rel_h + rel_w`` exactly.
+
+    ``q' = [scale q, q.R_h[row(q), :], q.R_w[col(q), :]]`` and ``k' = [k, onehot(row(k)), onehot(col(k))]``;
+    the head dim grows from ``hd`` to ``hd + H + W`` (148 for ViT-L), padded with zeros to a multiple
+    of ``multiple``; ``v`` is zero-padded to the same width. Returns ``(q', k', v')``.
+    """
+    batch, seq, heads, dim = q.shape
+    rows, cols = grid
+    table_h, table_w = relative_tables(*rel_pos, grid)
+    q_grid = q.reshape(batch, rows, cols, heads, dim)
+    rel_h = jnp.einsum("bhwnc,hkc->bhwnk", q_grid, table_h.astype(q.dtype), precision=precision)
+    rel_w = jnp.einsum("bhwnc,wkc->bhwnk", q_grid, table_w.astype(q.dtype), precision=precision)
+    width = dim + rows + cols
+    pad = -width % multiple
+    position = jnp.arange(seq)
+    one_hot = jnp.concatenate([jax.nn.one_hot(position // cols, rows, dtype=k.dtype),
+                               jax.nn.one_hot(position % cols, cols, dtype=k.dtype)], axis=-1)  # [N, H + W]
+    q_wide = jnp.concatenate([q * jnp.asarray(scale, q.dtype), rel_h.reshape(batch, seq, heads, rows),
+                              rel_w.reshape(batch, seq, heads, cols), jnp.zeros((batch, seq, heads, pad), q.dtype)], -1)
+    k_wide = jnp.concatenate([k, jnp.broadcast_to(one_hot[None, :, None, :], (batch, seq, heads, rows + cols)),
+                              jnp.zeros((batch, seq, heads, pad), k.dtype)], -1)
+    v_wide = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, width + pad - dim)))
+    return q_wide, k_wide, v_wide
+
+
+def attention_widened(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    scale: float,
+    grid: tuple[int, int],
+    rel_pos: tuple[jax.Array, jax.Array] | None,
+    precision=None,
+    implementation: str | None = None,
+) -> jax.Array:
+    """Widened q/k through ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU when it
+    accepts the shapes and dtype; ``implementation=None`` falls back to XLA otherwise)."""
+    dim = q.shape[-1]
+    if rel_pos is None:
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+    q_wide, k_wide, v_wide = widen(q, k, v, scale=scale, grid=grid, rel_pos=rel_pos, precision=precision)
+    out = jax.nn.dot_product_attention(q_wide, k_wide, v_wide, scale=1.0, implementation=implementation)
+    return out[..., :dim]
+
+
+def attention(q, k, v, *, impl: str, scale: float, grid: tuple[int, int], rel_pos, precision=None) -> jax.Array:
+    """Dispatch to one implementation (``impl`` already resolved, see :func:`resolve_impl`)."""
+    kwargs = dict(scale=scale, grid=grid, rel_pos=rel_pos, precision=precision)
+    if impl == "plain":
+        return attention_plain(q, k, v, **kwargs)
+    if impl == "chunked":
+        return attention_chunked(q, k, v, **kwargs)
+    if impl == "widened":
+        return attention_widened(q, k, v, **kwargs)
+    raise ValueError(f"unknown attention implementation {impl!r}")

@@ -29,9 +29,10 @@ from flax import nnx
 
 from . import _inputs
 from ._pretrained import PretrainedMixin
-from .attention import attention_plain
+from .attention import attention, resolve_impl
 from .config import SegGptConfig
 from .ops import activation, layer_norm, patch_mask_to_pixels, resize_position_embeddings, smooth_l1
+from .runtime import RuntimeConfig, remat_policy
 
 Array = jax.Array
 
@@ -176,10 +177,11 @@ class SegGptEmbeddings(nnx.Module):
 
 
 class SegGptAttention(nnx.Module):
-    def __init__(self, config: SegGptConfig, p: _Precision, *, rngs: nnx.Rngs):
+    def __init__(self, config: SegGptConfig, p: _Precision, runtime: RuntimeConfig, *, rngs: nnx.Rngs):
         c = config.hidden_size
         self.config = config
         self.p = p
+        self.runtime = runtime
         self.qkv = p.linear(config, c, 3 * c, use_bias=config.qkv_bias, rngs=rngs)
         self.proj = p.linear(config, c, c, rngs=rngs)
         if config.use_relative_position_embeddings:
@@ -196,8 +198,9 @@ class SegGptAttention(nnx.Module):
         rel_pos = None
         if self.config.use_relative_position_embeddings:
             rel_pos = (self.rel_pos_h[...], self.rel_pos_w[...])
-        out = attention_plain(q, k, v, scale=self.config.head_dim ** -0.5, grid=(rows, cols), rel_pos=rel_pos,
-                              precision=self.p.precision)
+        impl = resolve_impl(self.runtime.attention, self.p.dtype)
+        out = attention(q, k, v, impl=impl, scale=self.config.head_dim ** -0.5, grid=(rows, cols), rel_pos=rel_pos,
+                        precision=self.p.precision)
         return self.proj(out.reshape(batch, rows, cols, channels))
 
 
@@ -211,13 +214,13 @@ class SegGptMlp(nnx.Module):
         return self.lin2(activation(self.hidden_act)(self.lin1(x)))
 
 
-def _drop_path(x: Array, rate: float, key: Array | None) -> Array:
-    """Stochastic depth per sample (identity without a key, i.e. at inference)."""
-    if key is None or rate == 0.0:
+def _drop_path(x: Array, rate: Array | float, key: Array | None) -> Array:
+    """Stochastic depth per sample, as transformers' ``SegGptDropPath`` (identity without a key)."""
+    if key is None:
         return x
-    keep = 1.0 - rate
+    keep = 1.0 - jnp.asarray(rate, jnp.float32)
     noise = jax.random.uniform(key, (x.shape[0],) + (1,) * (x.ndim - 1), dtype=jnp.float32)
-    return x / jnp.asarray(keep, x.dtype) * jnp.floor(noise + keep).astype(x.dtype)
+    return x / keep.astype(x.dtype) * jnp.floor(noise + keep).astype(x.dtype)
 
 
 def feature_ensemble(x: Array, layer: int, merge_index: int, *, mode: str, prompts: int) -> Array:
@@ -250,48 +253,65 @@ def feature_ensemble(x: Array, layer: int, merge_index: int, *, mode: str, promp
 class SegGptLayer(nnx.Module):
     """Pre-LN transformer block: global attention with decomposed relative positions, then MLP."""
 
-    def __init__(self, config: SegGptConfig, p: _Precision, *, drop_path: float, rngs: nnx.Rngs):
+    def __init__(self, config: SegGptConfig, p: _Precision, runtime: RuntimeConfig, *, rngs: nnx.Rngs):
         eps = config.layer_norm_eps
-        self.drop_path = float(drop_path)
         self.layernorm_before = LayerNorm(config.hidden_size, eps=eps, param_dtype=p.param_dtype)
-        self.attention = SegGptAttention(config, p, rngs=rngs)
+        self.attention = SegGptAttention(config, p, runtime, rngs=rngs)
         self.layernorm_after = LayerNorm(config.hidden_size, eps=eps, param_dtype=p.param_dtype)
         self.mlp = SegGptMlp(config, p, rngs=rngs)
 
-    def __call__(self, x: Array, *, ensemble=None, keys: tuple[Array | None, Array | None] = (None, None)) -> Array:
+    def __call__(self, x: Array, *, ensemble=None, drop_rate: Array | float = 0.0,
+                 keys: tuple[Array | None, Array | None] = (None, None)) -> Array:
+        """``drop_rate`` is an argument (not an attribute) so that every layer has the same graph and a
+        run of layers can be scanned."""
         attended = self.attention(self.layernorm_before(x))
         if ensemble is not None:
             attended = ensemble(attended)
-        x = _drop_path(attended, self.drop_path, keys[0]) + x
-        return x + _drop_path(self.mlp(self.layernorm_after(x)), self.drop_path, keys[1])
+        x = _drop_path(attended, drop_rate, keys[0]) + x
+        return x + _drop_path(self.mlp(self.layernorm_after(x)), drop_rate, keys[1])
+
+
+def layer_segments(num_layers: int, merge_index: int, taps) -> list[tuple[int, int]]:
+    """Split ``range(num_layers)`` into runs that behave alike: the merge layer stands alone, and a run
+    ends at every decoder tap. ``[0, merge)``, ``[merge]``, ``(merge, tap1]``, ``(tap1, tap2]``, ..."""
+    segments, start = [], 0
+    for i in range(num_layers):
+        if i == merge_index and i > start:
+            segments.append((start, i))
+            start = i
+        if i == merge_index or i in taps or i == num_layers - 1:
+            segments.append((start, i + 1))
+            start = i + 1
+    return segments
 
 
 class SegGptEncoder(nnx.Module):
-    def __init__(self, config: SegGptConfig, p: _Precision, *, rngs: nnx.Rngs):
+    def __init__(self, config: SegGptConfig, p: _Precision, runtime: RuntimeConfig, *, rngs: nnx.Rngs):
         self.config = config
-        self.layers = nnx.List([SegGptLayer(config, p, drop_path=rate, rngs=rngs)
-                                for rate in config.drop_path_rates()])
+        self.runtime = runtime
+        self.layers = nnx.List([SegGptLayer(config, p, runtime, rngs=rngs) for _ in range(config.num_hidden_layers)])
         self.layernorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, param_dtype=p.param_dtype)
 
     def __call__(self, x: Array, options: _inputs.ForwardOptions, dropout_rng: Array | None = None) -> SegGptEncoderOutput:
         config = self.config
         merge, taps = config.merge_index, set(config.intermediate_hidden_state_indices)
-        prompts = options.prompts_per_query or x.shape[0] // 2
-        layer_keys = (jax.random.split(dropout_rng, 2 * len(self.layers)) if dropout_rng is not None
-                      else [None] * (2 * len(self.layers)))
+        rates = jnp.asarray(config.drop_path_rates(), jnp.float32)
+        keys = None
+        if dropout_rng is not None:
+            keys = jax.random.split(dropout_rng, 2 * len(self.layers)).reshape(len(self.layers), 2)
+        prompts = options.prompts_per_query or x.shape[0] // 2  # x holds both streams until the merge
         hidden_states, intermediate = [], []
-        for i, layer in enumerate(self.layers):
-            if options.output_hidden_states:
-                hidden_states.append(x)
+        for start, stop in layer_segments(len(self.layers), merge, taps):
             ensemble = None
             if options.feature_ensemble:
-                ensemble = lambda a, i=i: feature_ensemble(a, i, merge, mode=options.ensemble_mode,  # noqa: E731
-                                                           prompts=prompts)
-            x = layer(x, ensemble=ensemble, keys=(layer_keys[2 * i], layer_keys[2 * i + 1]))
-            if i == merge:
+                ensemble = functools.partial(feature_ensemble, layer=start, merge_index=merge,
+                                             mode=options.ensemble_mode, prompts=prompts)
+            x, inputs = self._run(x, start, stop, ensemble, rates, keys, options.output_hidden_states)
+            hidden_states += inputs
+            if stop - 1 == merge:
                 half = x.shape[0] // 2
                 x = (x[:half] + x[half:]) * jnp.asarray(0.5, x.dtype)
-            if i in taps:
+            if stop - 1 in taps:
                 intermediate.append(self.layernorm(x))
         if options.output_hidden_states:
             hidden_states.append(x)
@@ -300,6 +320,36 @@ class SegGptEncoder(nnx.Module):
             hidden_states=tuple(hidden_states) if options.output_hidden_states else None,
             intermediate_hidden_states=tuple(intermediate),
         )
+
+    def _run(self, x, start: int, stop: int, ensemble, rates, keys, collect: bool) -> tuple[Array, list[Array]]:
+        """Layers ``[start, stop)``, unrolled or as one ``lax.scan``; also returns each layer's input."""
+
+        def apply(layer, h, rate, layer_keys):
+            return layer(h, ensemble=ensemble, drop_rate=rate,
+                         keys=(None, None) if layer_keys is None else (layer_keys[0], layer_keys[1]))
+
+        if self.runtime.remat_policy is not None:
+            apply = nnx.remat(apply, policy=remat_policy(self.runtime.remat_policy))
+        if not self.runtime.scan_layers or stop - start == 1:
+            inputs = []
+            for i in range(start, stop):
+                if collect:
+                    inputs.append(x)
+                x = apply(self.layers[i], x, rates[i], None if keys is None else keys[i])
+            return x, inputs
+
+        splits = [nnx.split(self.layers[i]) for i in range(start, stop)]
+        graphdef = splits[0][0]
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(state for _, state in splits))
+        xs = (stacked, rates[start:stop], None if keys is None else keys[start:stop])
+
+        def body(h, step):
+            state, rate, layer_keys = step
+            out = apply(nnx.merge(graphdef, state), h, rate, layer_keys)
+            return out, (h if collect else None)
+
+        x, inputs = jax.lax.scan(body, x, xs)
+        return x, (list(inputs) if collect else [])
 
 
 class SegGptDecoderHead(nnx.Module):
@@ -342,20 +392,45 @@ def _nchw_to_nhwc(x: Array, dtype: Any) -> Array:
     return jnp.transpose(x, (0, 2, 3, 1)).astype(dtype)
 
 
-class SegGptModel(PretrainedMixin, nnx.Module):
+class _Configurable:
+    """``configure(...)``: swap the :class:`RuntimeConfig` on every module that holds it."""
+
+    runtime: RuntimeConfig
+
+    def configure(self, **changes: Any) -> "_Configurable":
+        """Change how the model runs (``attention=``, ``scan_layers=``, ``remat_policy=``) in place;
+        parameters are kept, the next call compiles anew. Returns the model."""
+        runtime = dataclasses.replace(self.runtime, **changes)
+        for _, node in nnx.iter_graph(self):
+            if isinstance(node, nnx.Module) and hasattr(node, "runtime"):
+                node.runtime = runtime
+        return self
+
+
+def _check_construction(config: Any, runtime: Any) -> RuntimeConfig:
+    if not isinstance(config, SegGptConfig):
+        raise TypeError(f"config must be a SegGptConfig, got {type(config).__name__}")
+    if runtime is None:
+        return RuntimeConfig()
+    if not isinstance(runtime, RuntimeConfig):
+        raise TypeError(f"runtime must be a seggpt_jax.RuntimeConfig, got {type(runtime).__name__}")
+    return runtime
+
+
+class SegGptModel(PretrainedMixin, _Configurable, nnx.Module):
     """The SegGPT encoder (embeddings + transformer); returns :class:`SegGptEncoderOutput`."""
 
     _checkpoint_prefix = "model."  # its parameters sit under ``model.`` in the full painter
 
     def __init__(self, config: SegGptConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                 precision: Any = None, rngs: nnx.Rngs):
-        if not isinstance(config, SegGptConfig):
-            raise TypeError(f"config must be a SegGptConfig, got {type(config).__name__}")
+                 precision: Any = None, runtime: RuntimeConfig | None = None, rngs: nnx.Rngs):
+        runtime = _check_construction(config, runtime)
         p = _Precision(jnp.dtype(dtype), jnp.dtype(param_dtype), precision)
         self.config = config
         self.precision_policy = p
+        self.runtime = runtime
         self.embeddings = SegGptEmbeddings(config, p, rngs=rngs)
-        self.encoder = SegGptEncoder(config, p, rngs=rngs)
+        self.encoder = SegGptEncoder(config, p, runtime, rngs=rngs)
 
     def encode(self, inputs: dict[str, Any], options: _inputs.ForwardOptions) -> SegGptEncoderOutput:
         """Traceable forward on prepared inputs (see :func:`seggpt_jax._inputs.prepare`)."""
@@ -379,17 +454,18 @@ class SegGptModel(PretrainedMixin, nnx.Module):
         return _encoder_jit(graphdef, state, inputs, options)
 
 
-class SegGptForImageSegmentation(PretrainedMixin, nnx.Module):
+class SegGptForImageSegmentation(PretrainedMixin, _Configurable, nnx.Module):
     """SegGPT painter: encoder + decoder, with the smooth-L1 loss over masked patches."""
 
     def __init__(self, config: SegGptConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                 precision: Any = None, rngs: nnx.Rngs):
-        if not isinstance(config, SegGptConfig):
-            raise TypeError(f"config must be a SegGptConfig, got {type(config).__name__}")
+                 precision: Any = None, runtime: RuntimeConfig | None = None, rngs: nnx.Rngs):
+        runtime = _check_construction(config, runtime)
         p = _Precision(jnp.dtype(dtype), jnp.dtype(param_dtype), precision)
         self.config = config
         self.precision_policy = p
-        self.model = SegGptModel(config, dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+        self.runtime = runtime
+        self.model = SegGptModel(config, dtype=dtype, param_dtype=param_dtype, precision=precision, runtime=runtime,
+                                 rngs=rngs)
         self.decoder = SegGptDecoder(config, p, rngs=rngs)
 
     def segment(self, inputs: dict[str, Any], options: _inputs.ForwardOptions) -> SegGptImageSegmentationOutput:

@@ -140,7 +140,7 @@ def load_pretrained(cls: type, name_or_path: str | os.PathLike, *, revision: str
                     cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
                     token: str | bool | None = None, config: SegGptConfig | None = None,
                     dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, precision: Any = None,
-                    layout: str | None = None):
+                    runtime: Any = None, layout: str | None = None):
     """See :meth:`seggpt_jax.SegGptForImageSegmentation.from_pretrained`."""
     resolved = sources.resolve(name_or_path, revision=revision, cache_dir=cache_dir,
                                local_files_only=local_files_only, token=token)
@@ -161,7 +161,7 @@ def load_pretrained(cls: type, name_or_path: str | os.PathLike, *, revision: str
                                       f"(first keys: {keys[:8]}); expected transformers, original BAAI or "
                                       f"seggpt-jax names")
         abstract_model = nnx.eval_shape(lambda: cls(cfg, dtype=dtype, param_dtype=param_dtype, precision=precision,
-                                                    rngs=nnx.Rngs(0)))
+                                                    runtime=runtime, rngs=nnx.Rngs(0)))
         graphdef, abstract_state = nnx.split(abstract_model)
         flat_abstract = nnx.to_flat_state(abstract_state)
         abstract = {".".join(str(p) for p in path): var for path, var in flat_abstract}
