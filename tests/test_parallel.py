@@ -1,0 +1,73 @@
+"""Sharded over 8 host devices and across two jax.distributed processes: same results as one device."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+WORKERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([WORKERS, env.get("PYTHONPATH", "")])
+    env.update(extra)
+    return env
+
+
+def test_sharded_over_eight_devices_equals_one_device():
+    result = subprocess.run([sys.executable, os.path.join(WORKERS, "sharded.py")], capture_output=True, text=True,
+                            timeout=600, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    errors = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(errors) == 15
+    bad = {case: e for case, e in errors.items() if e > 2e-6}
+    assert not bad, bad
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_segment_a_global_batch():
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, os.path.join(WORKERS, "distributed.py"), str(port), str(i), "2"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+             for i in range(2)]
+    outputs = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=600)
+            assert proc.returncode == 0, err[-3000:]
+            outputs.append(out)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    results = [json.loads(line[len("RESULT "):]) for out in outputs for line in out.splitlines()
+               if line.startswith("RESULT ")]
+    assert sorted(r["process"] for r in results) == [0, 1]
+    for r in results:
+        assert set(r["errors"]) == {"plain", "ensemble across processes"}
+        assert max(r["errors"].values()) <= 2e-6, r
+
+
+def test_bad_mesh_and_batch_sizes_are_refused():
+    import jax
+    import numpy as np
+
+    from seggpt_jax import parallel
+
+    with pytest.raises(ValueError, match="model=3 must divide the 1 devices"):
+        parallel.make_mesh(model=3)
+    with pytest.raises(ValueError, match="weights must be one of"):
+        parallel.shard_model(None, parallel.make_mesh(), weights="zero3")
+    mesh = parallel.make_mesh(jax.devices() * 1)
+    assert parallel.shard_batch(mesh, x=np.zeros((3, 2)), mode="semantic", labels=None)["mode"] == "semantic"

@@ -1,0 +1,48 @@
+"""Run with XLA_FLAGS=--xla_force_host_platform_device_count=8: sharded results equal one device's."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+import numpy as np
+
+from common import build_model, global_inputs
+
+from seggpt_jax import parallel
+
+
+def main() -> None:
+    assert jax.device_count() == 8, jax.devices()
+    inputs = global_inputs(8)
+    reference_model = build_model()
+    cases = {
+        "plain": dict(),
+        "labels": dict(labels=inputs["labels"]),
+        "ensemble per query": dict(feature_ensemble=True, prompts_per_query=2),
+        "ensemble whole batch": dict(feature_ensemble=True, ensemble_mode="original"),
+        "mixed types": dict(embedding_type=["semantic", "instance"] * 4),
+    }
+    base = {k: inputs[k] for k in ("pixel_values", "prompt_pixel_values", "prompt_masks")}
+    results = {}
+    for weights, model_axis in (("replicated", 1), ("fsdp", 1), ("replicated", 2)):
+        mesh = parallel.make_mesh(model=model_axis)
+        model = parallel.shard_model(build_model(), mesh, weights=weights)
+        kernel = model.model.encoder.layers[0].mlp.lin1.kernel[...]
+        assert len(kernel.sharding.device_set) == 8
+        for name, extra in cases.items():
+            reference = reference_model(**base, **extra)
+            sharded_inputs = parallel.shard_batch(mesh, **base, labels=extra.get("labels"))
+            rest = {k: v for k, v in extra.items() if k != "labels"}
+            out = model(**sharded_inputs, **rest)
+            assert len(out.pred_masks.sharding.device_set) == 8
+            error = float(np.abs(parallel.local_rows(out.pred_masks) - np.asarray(reference.pred_masks)).max())
+            if reference.loss is not None:
+                error = max(error, abs(float(out.loss) - float(reference.loss)))
+            results[f"{weights} data={mesh.shape['data']} model={model_axis}: {name}"] = error
+    json.dump(results, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
