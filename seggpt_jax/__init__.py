@@ -4,7 +4,9 @@ __version__ = "0.1.0"
 
 from .checkpoint import CheckpointError, ModelNotFoundError
 from .config import ConfigError, SegGptConfig
+from .processing import SegGptImageProcessor
 from .runtime import RuntimeConfig, enable_compilation_cache
+from .segmenter import Prompt, SegmentationResult, Segmenter
 from .modeling import (
     SegGptEncoderOutput,
     SegGptForImageSegmentation,
@@ -18,12 +20,16 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "ModelNotFoundError",
+    "Prompt",
     "RuntimeConfig",
     "SegGptConfig",
     "SegGptEncoderOutput",
     "SegGptForImageSegmentation",
+    "SegGptImageProcessor",
     "SegGptImageSegmentationOutput",
     "SegGptModel",
+    "SegmentationResult",
+    "Segmenter",
     "feature_ensemble",
     "painter_loss",
     "enable_compilation_cache",

@@ -1,4 +1,4 @@
-"""The ``seggpt-jax`` command line: ``convert`` and ``info``.
+"""The ``seggpt-jax`` command line: ``segment``, ``video``, ``convert`` and ``info``.
 
 Every error a user can cause (missing files, unreadable or mismatched checkpoints, no network and no
 cache) is printed as one line on stderr with a non-zero exit status, never as a traceback.
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import os
+
+import numpy as np
 import shutil
 import sys
 import tempfile
@@ -27,10 +29,74 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
                         help="force the checkpoint layout instead of detecting it from the key names")
 
 
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="BAAI/seggpt-vit-large",
+                        help="Hub repo id, local folder or weight file (default: BAAI/seggpt-vit-large)")
+    parser.add_argument("--revision", help="Hub revision when --model is a repo id")
+    parser.add_argument("--cache-dir", help="Hugging Face cache folder (default: the hub's own)")
+    parser.add_argument("--local-files-only", action="store_true", help="never touch the network; use the cache")
+    parser.add_argument("--batch-size", type=_positive_int, default=None,
+                        help="rows per forward (query x prompt pairs); default 4 on CPU, 32 on accelerators")
+    parser.add_argument("--compilation-cache", nargs="?", const=True, default=None, metavar="DIR",
+                        help="keep compiled programs across runs (default folder ~/.cache/seggpt_jax/xla)")
+
+
+def _add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt-image", action="append", default=[], metavar="IMAGE",
+                        help="an example image; repeat with --prompt-mask for several prompts (ensembled)")
+    parser.add_argument("--prompt-mask", action="append", default=[], metavar="MASK",
+                        help="the mask of the preceding --prompt-image (same order)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="seggpt-jax", description="SegGPT in JAX: checkpoint tools.")
+    parser = argparse.ArgumentParser(prog="seggpt-jax", description="SegGPT in JAX: segment images and videos "
+                                     "from examples, and convert checkpoints.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+
+    segment = sub.add_parser(
+        "segment", help="segment images or folders from one or more (image, mask) examples",
+        description="Segment every input image the way the prompt masks segment the prompt images. Writes "
+                    "NAME_mask.png (class ids as a palette PNG, or 0/255 for binary masks) and NAME_overlay.png "
+                    "for each input. Masks are binary foregrounds unless --num-labels is given; several prompts are "
+                    "feature-ensembled. A prompt mask whose size differs from its image is accepted with a warning "
+                    "(both are resized to the model's input size independently).")
+    segment.add_argument("inputs", nargs="+", metavar="IMAGES_OR_FOLDERS", help="images, or folders of images")
+    _add_prompt_arguments(segment)
+    segment.add_argument("--out-dir", required=True, help="output folder (created)")
+    mode = segment.add_mutually_exclusive_group()
+    mode.add_argument("--num-labels", type=_positive_int, help="semantic mode: masks hold class ids 0..N")
+    mode.add_argument("--binary", action="store_true", help="binary mode (default): any non-zero mask pixel is "
+                                                            "foreground")
+    segment.add_argument("--embedding-type", choices=["instance", "semantic"],
+                         help="default: semantic with --num-labels, instance otherwise")
+    segment.add_argument("--ensemble-mode", choices=["transformers", "original"], default="transformers",
+                         help="how several prompts are combined (default: transformers')")
+    segment.add_argument("--learned-prompt", metavar="FILE",
+                         help="a prompt learned with `seggpt-jax tune-prompt`, instead of --prompt-image/--prompt-mask")
+    _add_model_arguments(segment)
+
+    video = sub.add_parser(
+        "video", help="segment a clip from a first-frame example (the SegGPT video procedure)",
+        description="Segment every frame of FRAMES (a folder of frames, a GIF/WebP/APNG, or an mp4 with the video "
+                    "extra) with the prompt plus the last K predicted frames as extra prompts (binarised, "
+                    "feature-ensembled as the BAAI code does). Writes frames/NAME_mask.png per frame and "
+                    "overlay.gif.")
+    _add_prompt_arguments(video)
+    video.add_argument("--frames", required=True, help="folder of frames, animated GIF/WebP/APNG, or video file")
+    video.add_argument("--out-dir", required=True, help="output folder (created)")
+    video.add_argument("--context-frames", type=int, default=0, metavar="K",
+                       help="how many previous frames (with their predicted masks) join the prompt (default 0)")
+    video.add_argument("--duration", type=int, default=100, help="overlay animation: milliseconds per frame")
+    video.add_argument("--ensemble-mode", choices=["transformers", "original"], default="original")
+    _add_model_arguments(video)
 
     convert = sub.add_parser(
         "convert", help="convert a checkpoint (Hub id, transformers folder, .bin, original .pth) to seggpt-jax format",
@@ -53,6 +119,136 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", metavar="MODEL", help="Hub repo id, local folder, or weight file")
     _add_source_arguments(info)
     return parser
+
+
+class _Progress:
+    """A one-line progress bar on stderr."""
+
+    def __init__(self, total: int | None, label: str, width: int = 30):
+        self.total, self.label, self.width = total, label, width
+        self.start = time.perf_counter()
+
+    def __call__(self, done: int, total: int | None = None) -> None:
+        total = total or self.total
+        rate = done / max(time.perf_counter() - self.start, 1e-9)
+        if total:
+            filled = int(self.width * done / total)
+            bar = "#" * filled + "." * (self.width - filled)
+            text = f"\r{self.label} [{bar}] {done}/{total} ({rate:.2f}/s)"
+        else:
+            text = f"\r{self.label} {done} ({rate:.2f}/s)"
+        print(text, end="" if done != total else "\n", file=sys.stderr, flush=True)
+
+
+def _prompts_from_args(args) -> list:
+    from .media import InputError, check_readable
+
+    if len(args.prompt_image) != len(args.prompt_mask):
+        raise InputError(f"got {len(args.prompt_image)} --prompt-image and {len(args.prompt_mask)} --prompt-mask; "
+                         "give each prompt image with its mask")
+    if getattr(args, "learned_prompt", None):
+        if args.prompt_image:
+            raise InputError("use either --learned-prompt or --prompt-image/--prompt-mask, not both")
+        from .prompt_tuning import LearnedPrompt
+
+        return list(LearnedPrompt.load(args.learned_prompt).prompts())
+    if not args.prompt_image:
+        raise InputError("give at least one --prompt-image with its --prompt-mask")
+    prompts = []
+    from .segmenter import Prompt
+
+    for image, mask in zip(args.prompt_image, args.prompt_mask):
+        image_size, mask_size = check_readable(image), check_readable(mask)
+        if image_size != mask_size:
+            print(f"seggpt-jax: warning: prompt mask {mask} is {mask_size[0]}x{mask_size[1]} but {image} is "
+                  f"{image_size[0]}x{image_size[1]}; both are resized to the model's input size", file=sys.stderr)
+        prompts.append(Prompt(image, mask))
+    return prompts
+
+
+def _make_segmenter(args):
+    from .modeling import SegGptForImageSegmentation
+    from .segmenter import Segmenter
+
+    model = SegGptForImageSegmentation.from_pretrained(args.model, revision=args.revision, cache_dir=args.cache_dir,
+                                                       local_files_only=args.local_files_only)
+    return Segmenter(model, batch_size=args.batch_size, compilation_cache=args.compilation_cache,
+                     ensemble_mode=args.ensemble_mode)
+
+
+def _unique_names(paths: list[str]) -> list[str]:
+    names, seen = [], {}
+    for path in paths:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        count = seen.get(stem, 0) + 1
+        seen[stem] = count
+        names.append(stem if count == 1 else f"{stem}-{count}")
+    return names
+
+
+def _cmd_segment(args) -> int:
+    from PIL import Image
+
+    from .media import atomic_save, check_readable, collect_images, mask_image, overlay
+    from .processing import to_rgb_uint8
+
+    import warnings
+
+    inputs = collect_images(args.inputs)
+    for path in inputs:
+        check_readable(path)
+    prompts = _prompts_from_args(args)  # warns, in one line, about masks of another size than their image
+    warnings.filterwarnings("ignore", message="prompt mask .* but its image is", category=UserWarning)
+    os.makedirs(args.out_dir, exist_ok=True)
+    segmenter = _make_segmenter(args)
+    start = time.perf_counter()
+    names = _unique_names(inputs)
+    results = segmenter.segment_iter(inputs, prompts, num_labels=args.num_labels, binary=args.binary or None,
+                                     embedding_type=args.embedding_type, progress=_Progress(len(inputs), "segment"))
+    written = 0
+    for name, path, result in zip(names, inputs, results):
+        mask_path = os.path.join(args.out_dir, f"{name}_mask.png")
+        overlay_path = os.path.join(args.out_dir, f"{name}_overlay.png")
+        atomic_save(mask_path, lambda tmp: mask_image(result.mask, args.num_labels).save(tmp, format="PNG"))
+        picture = overlay(to_rgb_uint8(path), result.mask)
+        atomic_save(overlay_path, lambda tmp: Image.fromarray(picture).save(tmp, format="PNG"))
+        written += 2
+    seconds = time.perf_counter() - start
+    mode = f"{args.num_labels} classes" if args.num_labels else "binary"
+    print(f"segmented {len(inputs)} images ({mode}, {len(prompts)} prompt{'s' if len(prompts) > 1 else ''}) in "
+          f"{seconds:.1f}s ({seconds / len(inputs):.2f}s/image); wrote {written} files to {args.out_dir}")
+    return 0
+
+
+def _cmd_video(args) -> int:
+    from PIL import Image
+
+    from .media import atomic_save, iter_frames, mask_image, overlay, save_animation
+
+    if args.context_frames < 0:
+        raise _UserError(f"--context-frames must be >= 0, got {args.context_frames}")
+    prompts = _prompts_from_args(args)
+    if len(prompts) != 1:
+        raise _UserError("the video procedure takes exactly one --prompt-image/--prompt-mask pair (the first frame's)")
+    frames = list(iter_frames(args.frames))
+    if not frames:
+        raise _UserError(f"{args.frames} holds no frames")
+    frames_dir = os.path.join(args.out_dir, "frames")
+    os.makedirs(frames_dir, exist_ok=True)
+    segmenter = _make_segmenter(args)
+    start = time.perf_counter()
+    overlays = []
+    results = segmenter.segment_video((frame for _, frame in frames), prompts[0], context_frames=args.context_frames,
+                                      ensemble_mode=args.ensemble_mode, progress=_Progress(len(frames), "video"))
+    for (name, frame), result in zip(frames, results):
+        path = os.path.join(frames_dir, f"{name}_mask.png")
+        atomic_save(path, lambda tmp: mask_image(result.mask, None).save(tmp, format="PNG"))
+        overlays.append(overlay(np.asarray(frame), result.mask))
+    save_animation(os.path.join(args.out_dir, "overlay.gif"), overlays, args.duration)
+    seconds = time.perf_counter() - start
+    print(f"segmented {len(frames)} frames (context {args.context_frames}) in {seconds:.1f}s; wrote "
+          f"{len(frames)} masks to {frames_dir} and {os.path.join(args.out_dir, 'overlay.gif')}")
+    return 0
 
 
 def _load(args, dtype: str = "float32"):
@@ -164,9 +360,23 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
 
+    from .checkpoint import ModelNotFoundError
+    from .media import InputError
+
+    commands = {"convert": _cmd_convert, "info": _cmd_info, "segment": _cmd_segment, "video": _cmd_video}
     try:
-        return {"convert": _cmd_convert, "info": _cmd_info}[args.command](args)
-    except (_UserError, CheckpointError, ConfigError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        return commands[args.command](args)
+    except ModelNotFoundError as e:
+        option = "--model PATH" if args.command in ("segment", "video") else "a local path"
+        print(f"seggpt-jax {args.command}: error: {e.reason}. Pass {option} to use weights you have (a folder with "
+              f"config.json and model.safetensors, or the original seggpt_vit_large.pth); `hf download "
+              f"BAAI/seggpt-vit-large --local-dir DIR` makes such a folder on a machine with network access.",
+              file=sys.stderr)
+        return EXIT_ERROR
+    except (_UserError, InputError, CheckpointError, ConfigError, FileNotFoundError, NotADirectoryError,
+            PermissionError, ValueError) as e:
+        if os.environ.get("SEGGPT_JAX_DEBUG"):
+            raise
         print(f"seggpt-jax {args.command}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -33,7 +33,13 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$|^[A-Za-z0-9][\w.\-]*$")
 
 
 class ModelNotFoundError(CheckpointError, FileNotFoundError):
-    """The name is neither a local checkpoint nor reachable on the Hub or in its cache."""
+    """The name is neither a local checkpoint nor reachable on the Hub or in its cache.
+
+    ``reason`` is the first sentence alone (the command line adds its own advice)."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 @dataclasses.dataclass
@@ -153,9 +159,10 @@ def _resolve_hub(repo_id: str, *, revision, cache_dir, local_files_only: bool, t
 
         cache = os.fspath(cache_dir) if cache_dir else constants.HF_HUB_CACHE
         if offline is not None:
-            return ModelNotFoundError(f"cannot load {where!r}: {what} is not in the Hugging Face cache ({cache}) and "
-                                      f"{offline}. " + _HOW_TO_PASS_A_PATH)
-        return ModelNotFoundError(f"cannot load {where!r}: {what}. " + _HOW_TO_PASS_A_PATH)
+            reason = f"cannot load {where!r}: {what} is not in the Hugging Face cache ({cache}) and {offline}"
+        else:
+            reason = f"cannot load {where!r}: {what}"
+        return ModelNotFoundError(f"{reason}. {_HOW_TO_PASS_A_PATH}", reason)
 
     try:
         config = download(CONFIG_NAME)
