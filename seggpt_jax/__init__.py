@@ -14,6 +14,7 @@ from .modeling import (
     SegGptModel,
     feature_ensemble,
     painter_loss,
+    painter_loss_terms,
 )
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "Segmenter",
     "feature_ensemble",
     "painter_loss",
+    "painter_loss_terms",
     "enable_compilation_cache",
     "__version__",
 ]

@@ -29,14 +29,15 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
                         help="force the checkpoint layout instead of detecting it from the key names")
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_model_arguments(parser: argparse.ArgumentParser, inference_batch: bool = True) -> None:
     parser.add_argument("--model", default="BAAI/seggpt-vit-large",
                         help="Hub repo id, local folder or weight file (default: BAAI/seggpt-vit-large)")
     parser.add_argument("--revision", help="Hub revision when --model is a repo id")
     parser.add_argument("--cache-dir", help="Hugging Face cache folder (default: the hub's own)")
     parser.add_argument("--local-files-only", action="store_true", help="never touch the network; use the cache")
-    parser.add_argument("--batch-size", type=_positive_int, default=None,
-                        help="rows per forward (query x prompt pairs); default 4 on CPU, 32 on accelerators")
+    if inference_batch:
+        parser.add_argument("--batch-size", type=_positive_int, default=None,
+                            help="rows per forward (query x prompt pairs); default 4 on CPU, 32 on accelerators")
     parser.add_argument("--compilation-cache", nargs="?", const=True, default=None, metavar="DIR",
                         help="keep compiled programs across runs (default folder ~/.cache/seggpt_jax/xla)")
 
@@ -46,6 +47,16 @@ def _add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an example image; repeat with --prompt-mask for several prompts (ensembled)")
     parser.add_argument("--prompt-mask", action="append", default=[], metavar="MASK",
                         help="the mask of the preceding --prompt-image (same order)")
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="dataset folder")
+    parser.add_argument("--layout", dest="data_layout", choices=["folder", "fss1000"], default=None,
+                        help="folder: ROOT/images + ROOT/masks (default); fss1000: one folder per class")
+    parser.add_argument("--num-labels", type=_positive_int, default=None,
+                        help="masks hold class ids 0..N (default: binary masks, non-zero = foreground)")
+    parser.add_argument("--ignore-index", type=int, default=None, help="label the loss and metrics skip "
+                                                                        "(default 255 with --num-labels)")
 
 
 def _positive_int(text: str) -> int:
@@ -97,6 +108,72 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("--duration", type=int, default=100, help="overlay animation: milliseconds per frame")
     video.add_argument("--ensemble-mode", choices=["transformers", "original"], default="original")
     _add_model_arguments(video)
+
+    finetune = sub.add_parser(
+        "finetune", help="fine-tune the model on a folder dataset (in-context painting, AdamW)",
+        description="Fine-tune on DATA (ROOT/images + ROOT/masks, or FSS-1000 class folders with --layout fss1000): "
+                    "each step paints random (prompt, query) pairs of one group with randomly masked patches. "
+                    "Checkpoints (model + optimizer state) go to OUT/step_N; --resume continues exactly. Writes "
+                    "OUT/log.jsonl and OUT/report.json; the final model is OUT/final (load it with --model).")
+    _add_data_arguments(finetune)
+    finetune.add_argument("--out-dir", required=True, help="run folder: checkpoints, log, report, final model")
+    finetune.add_argument("--steps", type=_positive_int, default=1000)
+    finetune.add_argument("--batch-size", dest="train_batch_size", type=_positive_int, default=8)
+    finetune.add_argument("--lr", type=float, default=1e-4)
+    finetune.add_argument("--weight-decay", type=float, default=0.05)
+    finetune.add_argument("--warmup-steps", type=int, default=100)
+    finetune.add_argument("--layer-decay", type=float, default=None)
+    finetune.add_argument("--trainable", default="all", help="'all', 'decoder', or a regex on parameter paths")
+    finetune.add_argument("--mask-ratio", type=float, default=0.75)
+    finetune.add_argument("--half-mask-prob", type=float, default=0.0,
+                          help="share of rows whose query half is masked as at inference")
+    finetune.add_argument("--grad-accum", type=_positive_int, default=1)
+    finetune.add_argument("--remat", default=None, help="remat policy: full, dots, or a jax.checkpoint_policies name")
+    finetune.add_argument("--bf16", action="store_true", help="bfloat16 compute, float32 parameters")
+    finetune.add_argument("--no-drop-path", action="store_true")
+    finetune.add_argument("--seed", type=int, default=0)
+    finetune.add_argument("--checkpoint-every", type=_positive_int, default=100)
+    finetune.add_argument("--log-every", type=_positive_int, default=10)
+    finetune.add_argument("--resume", action="store_true", help="continue from OUT/latest")
+    finetune.add_argument("--stop-after", type=_positive_int, default=None, metavar="N",
+                          help="train at most N steps in this invocation (checkpointed; continue with --resume)")
+    _add_model_arguments(finetune, inference_batch=False)
+
+    tune = sub.add_parser(
+        "tune-prompt", help="learn a prompt for a task with the model frozen (in-context tuning)",
+        description="Optimise prompt canvases (initialised from the first examples of DATA, or noise) so that the "
+                    "frozen model paints DATA's masks; saves them to OUT (safetensors) for `segment --learned-prompt`. "
+                    "Checkpoints every --checkpoint-every steps; --resume continues exactly.")
+    _add_data_arguments(tune)
+    tune.add_argument("--out", required=True, help="learned prompt file (.safetensors)")
+    tune.add_argument("--steps", type=_positive_int, default=500)
+    tune.add_argument("--batch-size", dest="train_batch_size", type=_positive_int, default=4)
+    tune.add_argument("--lr", type=float, default=0.05)
+    tune.add_argument("--num-prompts", type=_positive_int, default=1)
+    tune.add_argument("--init", choices=["examples", "noise"], default="examples")
+    tune.add_argument("--tune", choices=["both", "image", "mask"], default="both")
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--checkpoint-every", type=_positive_int, default=100)
+    tune.add_argument("--log-every", type=_positive_int, default=10)
+    tune.add_argument("--resume", action="store_true")
+    _add_model_arguments(tune, inference_batch=False)
+
+    evaluate = sub.add_parser(
+        "evaluate", help="IoU, mIoU and FB-IoU on a dataset (FSS-1000, COCO-20i/PASCAL-5i folds, or a folder)",
+        description="Evaluate with a protocol: fss1000 (one-shot episodes in each class folder), coco20i / pascal5i "
+                    "(episodes over the classes of --fold in a folder of class-id masks), or folder (every image with "
+                    "the given prompts; confusion-matrix mIoU). Prints the metrics and writes a JSON report.")
+    _add_data_arguments(evaluate)
+    evaluate.add_argument("--protocol", choices=["fss1000", "coco20i", "pascal5i", "folder"], required=True)
+    evaluate.add_argument("--fold", type=int, default=0)
+    evaluate.add_argument("--shots", type=_positive_int, default=1)
+    evaluate.add_argument("--episodes", type=_positive_int, default=None, help="at most this many episodes")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--out", default=None, help="JSON report (default: printed only)")
+    _add_prompt_arguments(evaluate)
+    evaluate.add_argument("--learned-prompt", metavar="FILE", help="for --protocol folder")
+    evaluate.add_argument("--ensemble-mode", choices=["transformers", "original"], default="transformers")
+    _add_model_arguments(evaluate)
 
     convert = sub.add_parser(
         "convert", help="convert a checkpoint (Hub id, transformers folder, .bin, original .pth) to seggpt-jax format",
@@ -151,7 +228,7 @@ def _prompts_from_args(args) -> list:
             raise InputError("use either --learned-prompt or --prompt-image/--prompt-mask, not both")
         from .prompt_tuning import LearnedPrompt
 
-        return list(LearnedPrompt.load(args.learned_prompt).prompts())
+        return LearnedPrompt.load(args.learned_prompt)  # all of its prompts, checked against the model
     if not args.prompt_image:
         raise InputError("give at least one --prompt-image with its --prompt-mask")
     prompts = []
@@ -172,8 +249,8 @@ def _make_segmenter(args):
 
     model = SegGptForImageSegmentation.from_pretrained(args.model, revision=args.revision, cache_dir=args.cache_dir,
                                                        local_files_only=args.local_files_only)
-    return Segmenter(model, batch_size=args.batch_size, compilation_cache=args.compilation_cache,
-                     ensemble_mode=args.ensemble_mode)
+    return Segmenter(model, batch_size=getattr(args, "batch_size", None), compilation_cache=args.compilation_cache,
+                     ensemble_mode=getattr(args, "ensemble_mode", "transformers"))
 
 
 def _unique_names(paths: list[str]) -> list[str]:
@@ -198,6 +275,10 @@ def _cmd_segment(args) -> int:
     for path in inputs:
         check_readable(path)
     prompts = _prompts_from_args(args)  # warns, in one line, about masks of another size than their image
+    if args.learned_prompt and args.num_labels is None and not args.binary:
+        from .prompt_tuning import LearnedPrompt
+
+        args.num_labels = LearnedPrompt.load(args.learned_prompt).metadata.get("num_labels")
     warnings.filterwarnings("ignore", message="prompt mask .* but its image is", category=UserWarning)
     os.makedirs(args.out_dir, exist_ok=True)
     segmenter = _make_segmenter(args)
@@ -248,6 +329,146 @@ def _cmd_video(args) -> int:
     seconds = time.perf_counter() - start
     print(f"segmented {len(frames)} frames (context {args.context_frames}) in {seconds:.1f}s; wrote "
           f"{len(frames)} masks to {frames_dir} and {os.path.join(args.out_dir, 'overlay.gif')}")
+    return 0
+
+
+def _dataset(args):
+    from .data import FolderDataset, FSS1000Dataset
+
+    layout = args.data_layout or ("fss1000" if getattr(args, "protocol", None) == "fss1000" else "folder")
+    if layout == "fss1000":
+        if args.num_labels is not None:
+            raise _UserError("FSS-1000 masks are binary; drop --num-labels")
+        return FSS1000Dataset(args.data).validate()
+    ignore = args.ignore_index if args.ignore_index is not None else "auto"
+    return FolderDataset(args.data, num_labels=args.num_labels, ignore_index=ignore).validate()
+
+
+class _JsonLog:
+    """Print each record and append it to a JSON-lines file."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+
+    def __call__(self, record: dict) -> None:
+        import json
+
+        print("  ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+                        if not isinstance(v, dict)), flush=True)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _write_json(path: str, data: dict) -> None:
+    import json
+
+    from .media import atomic_save
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    atomic_save(path, write)
+
+
+def _cmd_finetune(args) -> int:
+    from .modeling import SegGptForImageSegmentation
+    from .training import EpisodeBatches, Trainer, TrainConfig
+
+    dataset = _dataset(args)  # every data problem is reported before any training starts
+    config = TrainConfig(
+        steps=args.steps, batch_size=args.train_batch_size, learning_rate=args.lr, weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps, layer_decay=args.layer_decay, trainable=args.trainable,
+        mask_ratio=args.mask_ratio, half_mask_prob=args.half_mask_prob, drop_path=not args.no_drop_path,
+        grad_accum=args.grad_accum, remat_policy=args.remat, dtype="bfloat16" if args.bf16 else "float32",
+        seed=args.seed, log_every=args.log_every, checkpoint_every=args.checkpoint_every)
+    os.makedirs(args.out_dir, exist_ok=True)
+    latest = os.path.join(args.out_dir, "latest")
+    if args.resume:
+        if not os.path.isfile(latest):
+            raise _UserError(f"--resume: no checkpoint in {args.out_dir} (expected {latest})")
+        trainer = Trainer.restore(args.out_dir, config=config)
+        print(f"resumed {args.out_dir} at step {trainer.step_count}")
+    else:
+        if os.path.isfile(latest):
+            raise _UserError(f"{args.out_dir} already holds a run; pass --resume to continue it or choose another "
+                             "--out-dir")
+        model = SegGptForImageSegmentation.from_pretrained(args.model, revision=args.revision, cache_dir=args.cache_dir,
+                                                           local_files_only=args.local_files_only)
+        trainer = Trainer(model, config)
+    trainer.batches = EpisodeBatches(dataset, trainer.model.config, batch_size=config.batch_size, seed=config.seed,
+                                     mask_ratio=config.mask_ratio, half_mask_prob=config.half_mask_prob)
+    start = time.perf_counter()
+    history = trainer.fit(checkpoint_dir=args.out_dir, log=_JsonLog(os.path.join(args.out_dir, "log.jsonl")),
+                          stop_after=args.stop_after)
+    if trainer.step_count < config.steps:
+        print(f"stopped at step {trainer.step_count} of {config.steps}; continue with --resume")
+        return 0
+    final = os.path.join(args.out_dir, "final")
+    trainer.model.save_pretrained(final)
+    report = {"steps": trainer.step_count, "final_loss": history[-1]["loss"] if history else None,
+              "first_loss": history[0]["loss"] if history else None, "seconds": round(time.perf_counter() - start, 1),
+              "samples": len(dataset), "config": config.to_json(), "model": args.model, "final_model": final}
+    _write_json(os.path.join(args.out_dir, "report.json"), report)
+    print(f"fine-tuned {trainer.step_count} steps; final model in {final} (use --model {final})")
+    return 0
+
+
+def _cmd_tune_prompt(args) -> int:
+    from .modeling import SegGptForImageSegmentation
+    from .prompt_tuning import PromptTuningConfig, resume_prompt_tuning, tune_prompt
+
+    dataset = _dataset(args)
+    config = PromptTuningConfig(steps=args.steps, batch_size=args.train_batch_size, learning_rate=args.lr,
+                                num_prompts=args.num_prompts, init=args.init, tune=args.tune, seed=args.seed,
+                                log_every=args.log_every, checkpoint_every=args.checkpoint_every)
+    model = SegGptForImageSegmentation.from_pretrained(args.model, revision=args.revision, cache_dir=args.cache_dir,
+                                                       local_files_only=args.local_files_only)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    log = _JsonLog(args.out + ".log.jsonl")
+    if args.resume:
+        if not os.path.isfile(args.out + ".state.safetensors"):
+            raise _UserError(f"--resume: no prompt-tuning state next to {args.out}")
+        prompt = resume_prompt_tuning(model, dataset, args.out, config, log=log)
+    else:
+        prompt = tune_prompt(model, dataset, config, log=log, checkpoint=args.out)
+    prompt.metadata["model"] = args.model
+    prompt.save(args.out)
+    print(f"learned {len(prompt)} prompt{'s' if len(prompt) > 1 else ''} in {config.steps} steps; saved {args.out} "
+          f"(use: seggpt-jax segment ... --learned-prompt {args.out})")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from .data import class_episodes, fold_classes, sample_episodes
+    from .evaluation import evaluate_episodes, evaluate_folder
+
+    dataset = _dataset(args)
+    segmenter = _make_segmenter(args)
+    progress = _Progress(None, "evaluate")
+    if args.protocol == "fss1000":
+        episodes = sample_episodes(dataset, shots=args.shots, seed=args.seed)[: args.episodes]
+        report = evaluate_episodes(segmenter, dataset, episodes, progress=progress)
+    elif args.protocol in ("coco20i", "pascal5i"):
+        if args.num_labels is None:
+            raise _UserError(f"--protocol {args.protocol} needs class-id masks: pass --num-labels")
+        episodes = class_episodes(dataset, fold_classes(args.protocol, args.fold), shots=args.shots, seed=args.seed,
+                                  max_episodes=args.episodes)
+        if not episodes:
+            raise _UserError(f"no episodes: no image of {args.data} holds a class of fold {args.fold} together with "
+                             f"{args.shots} other images of it")
+        report = evaluate_episodes(segmenter, dataset, episodes, progress=progress)
+    else:
+        prompts = _prompts_from_args(args)
+        report = evaluate_folder(segmenter, dataset, prompts, num_labels=args.num_labels, progress=progress)
+    report.update(protocol=args.protocol, data=args.data, model=args.model, shots=args.shots, fold=args.fold)
+    print(f"{args.protocol}: mIoU {report['mIoU']:.4f}  FB-IoU {report['FB-IoU']:.4f}  "
+          f"({report.get('episodes', report.get('images'))} {'episodes' if 'episodes' in report else 'images'}, "
+          f"{report['seconds']}s)")
+    if args.out:
+        _write_json(args.out, report)
     return 0
 
 
@@ -361,9 +582,11 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
 
     from .checkpoint import ModelNotFoundError
+    from .data import DataError
     from .media import InputError
 
-    commands = {"convert": _cmd_convert, "info": _cmd_info, "segment": _cmd_segment, "video": _cmd_video}
+    commands = {"convert": _cmd_convert, "info": _cmd_info, "segment": _cmd_segment, "video": _cmd_video,
+                "finetune": _cmd_finetune, "tune-prompt": _cmd_tune_prompt, "evaluate": _cmd_evaluate}
     try:
         return commands[args.command](args)
     except ModelNotFoundError as e:
@@ -373,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
               f"BAAI/seggpt-vit-large --local-dir DIR` makes such a folder on a machine with network access.",
               file=sys.stderr)
         return EXIT_ERROR
-    except (_UserError, InputError, CheckpointError, ConfigError, FileNotFoundError, NotADirectoryError,
+    except (_UserError, InputError, DataError, CheckpointError, ConfigError, FileNotFoundError, NotADirectoryError,
             PermissionError, ValueError) as e:
         if os.environ.get("SEGGPT_JAX_DEBUG"):
             raise

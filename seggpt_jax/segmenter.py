@@ -74,7 +74,10 @@ def _as_prompt(value: Any) -> Prompt | None:
 
 
 def normalise_prompts(prompts: Any, num_queries: int) -> list[list[Any]]:
-    """Per-query prompt lists from: one pair, a list of pairs (shared), or one list of pairs per query."""
+    """Per-query prompt lists from: one pair, a list of pairs (shared), one list of pairs per query, or a
+    learned prompt (all of its prompts, shared)."""
+    if callable(getattr(prompts, "prompts", None)):  # a LearnedPrompt
+        prompts = prompts.prompts()
     single = _as_prompt(prompts)
     if single is not None:
         return [[single]] * num_queries
@@ -188,6 +191,8 @@ class Segmenter:
         """Like :meth:`segment` for a list, yielding results in order as batches finish."""
         binary = num_labels is None if binary is None else bool(binary)
         labels = 1 if binary else num_labels
+        if callable(getattr(prompts, "check_model", None)):  # a LearnedPrompt must fit this model
+            prompts.check_model(self.model.config)
         if not binary and (num_labels is None or isinstance(num_labels, bool) or not isinstance(num_labels, int)
                            or num_labels < 1):
             raise ValueError(f"semantic mode needs num_labels >= 1, got {num_labels!r}")

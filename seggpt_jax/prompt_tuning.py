@@ -1,0 +1,286 @@
+"""In-context tuning (SegGPT paper, section 3.3): learn the prompt, keep the model frozen.
+
+The prompt is one or more (image, mask) canvases in the model's normalised input space, initialised
+from examples or from noise, and optimised with optax on (image, mask) pairs of a task with the same
+painter loss (the query half masked, as at inference). The model's parameters are never touched.
+
+    prompt = tune_prompt(model, dataset, steps=500, num_prompts=2, init="examples")
+    prompt.save("cars.prompt.safetensors")
+    Segmenter(model).segment("street.jpg", prompts=LearnedPrompt.load("cars.prompt.safetensors"))
+    # or: seggpt-jax segment street/ --learned-prompt cars.prompt.safetensors --out-dir out/
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from .data import Augment, Prefetcher, _Dataset
+from .modeling import painter_loss_terms
+from .processing import SegGptImageProcessor, mask_to_rgb
+
+FORMAT = "seggpt-jax-learned-prompt/1"
+
+
+@dataclasses.dataclass(frozen=True)
+class _PromptView:
+    """One prompt of a :class:`LearnedPrompt`, as the Segmenter takes it."""
+
+    prompt_pixel_values: np.ndarray
+    prompt_masks: np.ndarray
+
+
+@dataclasses.dataclass
+class LearnedPrompt:
+    """Learned prompt canvases: ``[P, 3, h, w]`` images and masks in the model's normalised space."""
+
+    prompt_pixel_values: np.ndarray
+    prompt_masks: np.ndarray
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        self.prompt_pixel_values = np.asarray(self.prompt_pixel_values, dtype=np.float32)
+        self.prompt_masks = np.asarray(self.prompt_masks, dtype=np.float32)
+        if self.prompt_pixel_values.ndim != 4 or self.prompt_pixel_values.shape != self.prompt_masks.shape \
+                or self.prompt_pixel_values.shape[1] != 3:
+            raise ValueError(f"a learned prompt holds [P, 3, h, w] images and masks; got {self.prompt_pixel_values.shape}"
+                             f" and {self.prompt_masks.shape}")
+
+    def __len__(self) -> int:
+        return self.prompt_pixel_values.shape[0]
+
+    def prompts(self) -> list[_PromptView]:
+        """Each prompt separately (a list of them is what ``Segmenter.segment(prompts=...)`` takes)."""
+        return [_PromptView(self.prompt_pixel_values[i], self.prompt_masks[i]) for i in range(len(self))]
+
+    def check_model(self, config) -> None:
+        size = tuple(self.prompt_pixel_values.shape[2:])
+        if size != tuple(config.query_size):
+            raise ValueError(f"this learned prompt is {size[0]}x{size[1]} but the model takes "
+                             f"{config.query_size[0]}x{config.query_size[1]} images: it was tuned for another model")
+
+    def save(self, path: str | os.PathLike) -> None:
+        """safetensors with the canvases and the metadata (JSON) in its header; written atomically."""
+        from safetensors.numpy import save_file
+
+        from .media import atomic_save
+
+        metadata = {"format": FORMAT, "metadata": json.dumps(self.metadata, sort_keys=True)}
+        tensors = {"prompt_pixel_values": self.prompt_pixel_values, "prompt_masks": self.prompt_masks}
+        atomic_save(os.fspath(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "LearnedPrompt":
+        from .checkpoint.readers import CheckpointError, SafetensorsReader
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no such learned prompt file: {path}")
+        try:
+            with SafetensorsReader(path) as reader:
+                if reader.metadata.get("format") != FORMAT:
+                    raise ValueError(f"{path} is not a learned prompt (format {reader.metadata.get('format')!r}); "
+                                     "make one with `seggpt-jax tune-prompt`")
+                missing = {"prompt_pixel_values", "prompt_masks"} - set(reader.keys())
+                if missing:
+                    raise ValueError(f"{path}: learned prompt lacks {sorted(missing)}")
+                return cls(reader.get("prompt_pixel_values"), reader.get("prompt_masks"),
+                           json.loads(reader.metadata.get("metadata", "{}")))
+        except CheckpointError as e:
+            raise ValueError(str(e)) from None
+
+    def images(self) -> tuple[np.ndarray, np.ndarray]:
+        """The canvases as ``[P, h, w, 3]`` uint8 pictures (prompt images, prompt masks)."""
+        from .processing import IMAGENET_MEAN, IMAGENET_STD
+
+        def picture(x):
+            x = x * np.float32(IMAGENET_STD)[None, :, None, None] + np.float32(IMAGENET_MEAN)[None, :, None, None]
+            return np.clip(x * 255 + 0.5, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+        return picture(self.prompt_pixel_values), picture(self.prompt_masks)
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptTuningConfig:
+    steps: int = 500
+    batch_size: int = 4
+    learning_rate: float = 0.05
+    num_prompts: int = 1
+    init: str = "examples"  # "examples" (the first dataset samples) or "noise"
+    tune: str = "both"  # "both", "image" or "mask"
+    augment: bool = True  # random crops/flips/colour jitter of the training queries
+    embedding_type: str | None = None
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100
+
+    def __post_init__(self):
+        if self.init not in ("examples", "noise") or self.tune not in ("both", "image", "mask") \
+                or self.steps < 1 or self.batch_size < 1 or self.num_prompts < 1 or self.learning_rate <= 0:
+            raise ValueError(f"invalid prompt tuning settings: {self}")
+
+
+class QueryBatches:
+    """``batches(step)`` -> (query pixels, query masks painted, valid) for prompt tuning; seeded by step."""
+
+    def __init__(self, dataset: _Dataset, query_size: tuple[int, int], *, batch_size: int, seed: int,
+                 augment: Augment | None = Augment(scale=(0.6, 1.0), jitter=0.1)):
+        self.dataset, self.batch_size, self.seed, self.augment = dataset, batch_size, seed, augment
+        self.processor = SegGptImageProcessor(size=query_size)
+
+    def painted(self, image: np.ndarray, labels: np.ndarray):
+        ignore = self.dataset.ignore_index
+        valid = labels != ignore if ignore is not None else np.ones(labels.shape, bool)
+        mask = mask_to_rgb(np.where(valid, labels, 0), self.dataset.num_labels or 1, what="training mask")
+        out = self.processor(images=image, prompt_masks=mask, do_convert_rgb=False, return_tensors="np")
+        valid = self.processor(prompt_masks=np.repeat(valid[..., None].astype(np.uint8) * 255, 3, -1),
+                               do_convert_rgb=False, do_normalize=False, return_tensors="np")["prompt_masks"][0, :1] > 0.5
+        return out["pixel_values"][0], out["prompt_masks"][0], valid.astype(np.float32)
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([self.seed, step])
+        rows = []
+        for index in rng.integers(0, len(self.dataset), self.batch_size):
+            image, labels = self.dataset.load(self.dataset[int(index)])
+            if self.augment is not None:
+                image, labels = self.augment(image, labels, rng)
+            rows.append(self.painted(image, labels))
+        return {"pixel_values": np.stack([r[0] for r in rows]), "labels": np.stack([r[1] for r in rows]),
+                "valid": np.stack([r[2] for r in rows])}
+
+
+def initial_prompt(dataset: _Dataset, model_config, config: PromptTuningConfig) -> LearnedPrompt:
+    size = model_config.query_size
+    if config.init == "noise":
+        rng = np.random.default_rng(config.seed)
+        shape = (config.num_prompts, 3, *size)
+        return LearnedPrompt(rng.standard_normal(shape, dtype=np.float32) * 0.5,
+                             rng.standard_normal(shape, dtype=np.float32) * 0.5, {"init": "noise"})
+    if len(dataset) < config.num_prompts:
+        raise ValueError(f"init='examples' needs {config.num_prompts} samples; the dataset has {len(dataset)}")
+    batches = QueryBatches(dataset, size, batch_size=1, seed=config.seed, augment=None)
+    images, masks = [], []
+    for index in range(config.num_prompts):
+        image, labels = dataset.load(dataset[index])
+        pixels, mask, _ = batches.painted(image, labels)
+        images.append(pixels)
+        masks.append(mask)
+    return LearnedPrompt(np.stack(images), np.stack(masks), {"init": "examples",
+                                                            "examples": [dataset[i].name for i in
+                                                                         range(config.num_prompts)]})
+
+
+def prompt_loss(model, prompt: dict, batch: dict, *, instance: bool) -> jax.Array:
+    """Painter loss of the frozen ``model`` painting each query's mask from the learned prompt(s)."""
+    images, masks = prompt["image"], prompt["mask"]
+    count, queries = images.shape[0], batch["pixel_values"].shape[0]
+    repeat = lambda x: jnp.repeat(x, count, axis=0)  # noqa: E731  query q's rows are q*count .. q*count+count-1
+    tile = lambda x: jnp.tile(x, (queries, 1, 1, 1))  # noqa: E731
+    n = model.config.num_patches
+    flags = jnp.zeros((queries * count, n), bool).at[:, n // 2:].set(True)
+    out = model(repeat(batch["pixel_values"]), tile(images), tile(masks), bool_masked_pos=flags,
+                labels=repeat(batch["labels"]), feature_ensemble=count > 1, prompts_per_query=count,
+                embedding_type=jnp.full((queries * count,), instance))
+    total, pixels = painter_loss_terms(model.config, out.pred_masks, tile(masks), repeat(batch["labels"]), flags,
+                                       repeat(batch["valid"]))
+    return total / pixels
+
+
+def tune_prompt(model, dataset: _Dataset, config: PromptTuningConfig = PromptTuningConfig(), *,
+                start: LearnedPrompt | None = None, log: Callable[[dict], None] | None = None,
+                checkpoint: str | None = None, start_step: int = 0,
+                opt_state: Any = None) -> LearnedPrompt:
+    """Optimise a prompt for ``dataset`` with ``model`` frozen; returns the learned prompt.
+
+    With ``checkpoint`` the prompt (and Adam state) is saved every ``checkpoint_every`` steps to
+    ``checkpoint`` (+ ``.state.safetensors``), and :func:`resume_prompt_tuning` continues from it.
+    """
+    instance = (config.embedding_type or ("instance" if dataset.num_labels is None else "semantic")) == "instance"
+    prompt = start or initial_prompt(dataset, model.config, config)
+    prompt.check_model(model.config)
+    params = {"image": jnp.asarray(prompt.prompt_pixel_values), "mask": jnp.asarray(prompt.prompt_masks)}
+    tx = optax.adam(config.learning_rate)
+    opt_state = opt_state if opt_state is not None else tx.init(params)
+    graphdef, state = nnx.split(model)
+    trainable = {"image": config.tune in ("both", "image"), "mask": config.tune in ("both", "mask")}
+
+    @jax.jit
+    def step(params, opt_state, state, batch):
+        def loss_fn(p):
+            return prompt_loss(nnx.merge(graphdef, state), p, batch, instance=instance)
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        grads = {k: g if trainable[k] else jnp.zeros_like(g) for k, g in grads.items()}
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    batches = QueryBatches(dataset, model.config.query_size, batch_size=config.batch_size, seed=config.seed,
+                           **({} if config.augment else {"augment": None}))
+    losses, start_time = [], time.perf_counter()
+    meta = dict(prompt.metadata, num_labels=dataset.num_labels, embedding_type="instance" if instance else "semantic",
+                tune=config.tune, learning_rate=config.learning_rate)
+    for index, batch in enumerate(Prefetcher(batches, start_step, config.steps)):
+        params, opt_state, loss = step(params, opt_state, state, batch)
+        losses.append(loss)
+        done = start_step + index + 1
+        if log is not None and (done % config.log_every == 0 or done == config.steps):
+            log({"step": done, "loss": float(np.mean([float(v) for v in losses])),
+                 "seconds": round(time.perf_counter() - start_time, 3)})
+            losses = []
+        if checkpoint and (done % config.checkpoint_every == 0 or done == config.steps):
+            _save_state(checkpoint, params, opt_state, dict(meta, steps=done), config)
+    return LearnedPrompt(np.asarray(params["image"]), np.asarray(params["mask"]), dict(meta, steps=config.steps))
+
+
+def _save_state(path: str, params, opt_state, meta: dict, config: PromptTuningConfig) -> None:
+    from safetensors.numpy import save_file
+
+    from .media import atomic_save
+
+    LearnedPrompt(np.asarray(params["image"]), np.asarray(params["mask"]), meta).save(path)
+    leaves = jax.tree.leaves(opt_state)
+    tensors = {f"leaf{i:03d}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
+    header = {"step": str(meta["steps"]), "config": json.dumps(dataclasses.asdict(config))}
+    atomic_save(path + ".state.safetensors", lambda tmp: save_file(tensors, tmp, metadata=header))
+
+
+def resume_prompt_tuning(model, dataset: _Dataset, checkpoint: str, config: PromptTuningConfig | None = None,
+                         **kwargs: Any) -> LearnedPrompt:
+    """Continue :func:`tune_prompt` from its checkpoint file; ends where an uninterrupted run would."""
+    from safetensors.numpy import load_file
+    from safetensors import safe_open
+
+    state_path = checkpoint + ".state.safetensors"
+    if not os.path.isfile(state_path):
+        raise FileNotFoundError(f"no prompt-tuning state at {state_path}")
+    with safe_open(state_path, "numpy") as f:
+        header = f.metadata()
+    saved = PromptTuningConfig(**json.loads(header["config"]))
+    config = config or saved
+    prompt = LearnedPrompt.load(checkpoint)
+    template = optax.adam(config.learning_rate).init({"image": jnp.asarray(prompt.prompt_pixel_values),
+                                                      "mask": jnp.asarray(prompt.prompt_masks)})
+    arrays = load_file(state_path)
+    leaves = [jnp.asarray(arrays[f"leaf{i:03d}"]) for i in range(len(jax.tree.leaves(template)))]
+    opt_state = jax.tree.unflatten(jax.tree.structure(template), leaves)
+    return tune_prompt(model, dataset, config, start=prompt, start_step=int(header["step"]), opt_state=opt_state,
+                       checkpoint=checkpoint, **kwargs)
+
+
+def prompts_from(value: LearnedPrompt | str | os.PathLike | Sequence) -> list:
+    """Segmenter prompts from a learned prompt (object or file)."""
+    if isinstance(value, (str, os.PathLike)):
+        value = LearnedPrompt.load(value)
+    if isinstance(value, LearnedPrompt):
+        return value.prompts()
+    return list(value)

@@ -1,0 +1,396 @@
+"""Fine-tuning SegGPT with optax and a Flax NNX optimizer (in-context painting, as SegGPT is trained).
+
+Each training row is a prompt pair and a query pair from the same group (task or class); both halves
+of the mask canvas are randomly masked (``mask_ratio``, or, with ``half_mask_prob``, just the query
+half as at inference) and the smooth-L1 painter loss is taken over the masked, valid pixels.
+
+    trainer = Trainer(model, TrainConfig(steps=2000), batches=EpisodeBatches(dataset, model.config))
+    trainer.fit(checkpoint_dir="runs/ft")          # resumable: Trainer.restore("runs/ft/latest", batches=...)
+
+Everything random derives from ``TrainConfig.seed`` and the step number (data, masks, drop-path), so a
+run resumed from a checkpoint ends with exactly the parameters of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from .config import SegGptConfig
+from .data import Augment, Prefetcher, _Dataset
+from .modeling import painter_loss_terms
+from .processing import SegGptImageProcessor, mask_to_rgb
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Fine-tuning hyper-parameters (the paper's recipe: AdamW, lr 1e-4, weight decay 0.05)."""
+
+    steps: int = 1000
+    batch_size: int = 8
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    min_learning_rate: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = None
+    layer_decay: float | None = None  # e.g. 0.75: layer i of L gets lr * decay ** (L + 1 - (i + 1))
+    trainable: str = "all"  # "all", "decoder", or a regex on parameter paths ("model.encoder.layers.2[0-3]")
+    mask_ratio: float = 0.75
+    half_mask_prob: float = 0.0
+    drop_path: bool = True
+    grad_accum: int = 1
+    remat_policy: str | None = None
+    dtype: str = "float32"
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100
+
+    def __post_init__(self):
+        checks = [
+            (self.steps >= 1, "steps must be >= 1"), (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.learning_rate > 0, "learning_rate must be > 0"), (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (0 <= self.warmup_steps, "warmup_steps must be >= 0"),
+            (0 < self.mask_ratio <= 1, "mask_ratio must be in (0, 1]"), (0 <= self.half_mask_prob <= 1,
+                                                                         "half_mask_prob must be in [0, 1]"),
+            (self.grad_accum >= 1 and self.batch_size % self.grad_accum == 0,
+             "grad_accum must divide batch_size"),
+            (self.dtype in ("float32", "bfloat16"), "dtype must be float32 or bfloat16"),
+            (self.layer_decay is None or 0 < self.layer_decay <= 1, "layer_decay must be in (0, 1]"),
+        ]
+        bad = [message for ok, message in checks if not ok]
+        if bad:
+            raise ValueError("; ".join(bad))
+        trainable_filter(self.trainable)  # validates the regex
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "TrainConfig":
+        data = dict(data)
+        data["betas"] = tuple(data["betas"])
+        return cls(**data)
+
+
+# ------------------------------------------------------------------------------------ parameters
+def _path(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def trainable_filter(spec: str):
+    """An NNX filter over parameters: ``"all"``, ``"decoder"``, or a regex searched in the dotted path."""
+    if spec == "all":
+        return nnx.Param
+    pattern = re.compile(r"^decoder\." if spec == "decoder" else spec)
+    return nnx.All(nnx.Param, lambda path, value: bool(pattern.search(_path(path))))
+
+
+def _no_decay(name: str) -> bool:
+    return ("position_embeddings" in name or "_token" in name or "rel_pos" in name or name.endswith(".bias")
+            or name.endswith(".scale"))
+
+
+def _layer_scale(name: str, layers: int, decay: float) -> float:
+    match = re.search(r"encoder\.layers\.(\d+)\.", name)
+    if match:
+        depth = int(match.group(1)) + 1
+    elif name.startswith(("model.embeddings", "embeddings")):
+        depth = 0
+    else:
+        depth = layers + 1
+    return decay ** (layers + 1 - depth)
+
+
+def make_optimizer(model: nnx.Module, config: TrainConfig) -> nnx.Optimizer:
+    """AdamW with linear warm-up and cosine decay; no decay on norms, biases, tokens and positions."""
+    if config.warmup_steps > 0:
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0, config.learning_rate, warmup_steps=config.warmup_steps,
+            decay_steps=max(config.steps, config.warmup_steps + 1), end_value=config.min_learning_rate)
+    else:
+        schedule = optax.cosine_decay_schedule(config.learning_rate, max(config.steps, 1),
+                                               alpha=config.min_learning_rate / config.learning_rate)
+    wrt = trainable_filter(config.trainable)
+    params = nnx.state(model, wrt)
+    names = jax.tree_util.tree_map_with_path(lambda path, _: ".".join(str(getattr(k, "key", getattr(k, "idx", k)))
+                                                                      for k in path), nnx.as_pure(params))
+    decay_mask = jax.tree.map(lambda name: not _no_decay(name), names)
+    chain = []
+    if config.grad_clip:
+        chain.append(optax.clip_by_global_norm(config.grad_clip))
+    chain.append(optax.adamw(schedule, b1=config.betas[0], b2=config.betas[1], weight_decay=config.weight_decay,
+                             mask=decay_mask))
+    if config.layer_decay is not None:
+        layers = model.config.num_hidden_layers
+        scales = jax.tree.map(lambda name: _layer_scale(name, layers, config.layer_decay), names)
+        chain.append(optax.GradientTransformation(
+            lambda _: optax.EmptyState(),
+            lambda updates, state, params=None: (jax.tree.map(lambda u, s: u * s, updates, scales), state)))
+    return nnx.Optimizer(model, optax.chain(*chain), wrt=wrt)
+
+
+# ------------------------------------------------------------------------------------ batches
+def random_patch_masks(rng: np.random.Generator, rows: int, config: SegGptConfig, ratio: float,
+                       half_prob: float = 0.0) -> np.ndarray:
+    """``[rows, N]`` patch flags: ``int(ratio * N)`` random patches per row, or (with probability
+    ``half_prob``) exactly the query half, as at inference."""
+    n = config.num_patches
+    flags = np.zeros((rows, n), dtype=bool)
+    for row in flags:
+        if rng.random() < half_prob:
+            row[n // 2:] = True
+        else:
+            row[rng.permutation(n)[: int(n * ratio)]] = True
+    return flags
+
+
+class EpisodeBatches:
+    """``batches(step)`` -> one training batch, a pure function of ``(seed, step)``.
+
+    Each row takes two different samples of one group (prompt and query), augments each, paints their
+    masks (binary: white foreground; class ids: the SegGPT palette) and draws the patch mask.
+    """
+
+    def __init__(self, dataset: _Dataset, model_config: SegGptConfig, *, batch_size: int = 8, seed: int = 0,
+                 augment: Augment | None = Augment(), mask_ratio: float = 0.75, half_mask_prob: float = 0.0,
+                 embedding_type: str | None = None):
+        self.dataset, self.config = dataset, model_config
+        self.batch_size, self.seed, self.augment = batch_size, seed, augment
+        self.mask_ratio, self.half_mask_prob = mask_ratio, half_mask_prob
+        self.num_labels = dataset.num_labels
+        self.instance = (embedding_type or ("instance" if dataset.num_labels is None else "semantic")) == "instance"
+        self.processor = SegGptImageProcessor(size=model_config.query_size)
+        self._groups = [members for _, members in sorted(dataset.groups().items())]
+
+    def _painted(self, image: np.ndarray, labels: np.ndarray):
+        """(mask RGB, valid [h, w] bool) at full resolution."""
+        if labels.ndim == 3:  # RGB masks
+            return labels, np.ones(labels.shape[:2], bool)
+        ignore = self.dataset.ignore_index
+        valid = labels != ignore if ignore is not None else np.ones(labels.shape, bool)
+        return mask_to_rgb(np.where(valid, labels, 0), self.num_labels or 1, what="training mask"), valid
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([self.seed, step])
+        weights = np.array([len(g) for g in self._groups], dtype=np.float64)
+        rows: dict[str, list] = {k: [] for k in ("pixel_values", "prompt_pixel_values", "prompt_masks", "labels",
+                                                 "valid")}
+        for _ in range(self.batch_size):
+            group = self._groups[rng.choice(len(self._groups), p=weights / weights.sum())]
+            pick = rng.choice(group, size=2, replace=len(group) < 2)
+            pair = []
+            for index in pick:
+                image, labels = self.dataset.load(self.dataset[int(index)])
+                if self.augment is not None:
+                    image, labels = self.augment(image, labels, rng)
+                mask_rgb, valid = self._painted(image, labels)
+                pair.append((image, mask_rgb, valid))
+            (p_image, p_mask, p_valid), (q_image, q_mask, q_valid) = pair
+            out = self.processor(images=q_image, prompt_images=p_image, prompt_masks=[p_mask, q_mask],
+                                 do_convert_rgb=False, return_tensors="np")
+            valid = self.processor(prompt_masks=[np.repeat(v[..., None].astype(np.uint8) * 255, 3, -1)
+                                                 for v in (p_valid, q_valid)], do_convert_rgb=False, do_normalize=False,
+                                   return_tensors="np")["prompt_masks"][:, :1] > 0.5
+            rows["pixel_values"].append(out["pixel_values"][0])
+            rows["prompt_pixel_values"].append(out["prompt_pixel_values"][0])
+            rows["prompt_masks"].append(out["prompt_masks"][0])
+            rows["labels"].append(out["prompt_masks"][1])
+            rows["valid"].append(np.concatenate([valid[0], valid[1]], axis=1))  # [1, 2h, w]
+        batch = {k: np.stack(v) for k, v in rows.items()}
+        batch["valid"] = batch["valid"].astype(np.float32)
+        batch["bool_masked_pos"] = random_patch_masks(rng, self.batch_size, self.config, self.mask_ratio,
+                                                      self.half_mask_prob)
+        batch["is_instance"] = np.full((self.batch_size,), self.instance)
+        return batch
+
+
+# ------------------------------------------------------------------------------------ the step
+def batch_loss_terms(model, batch: dict, dropout_rng=None) -> tuple[jax.Array, jax.Array]:
+    """(numerator, count) of the painter loss of ``model`` on one batch."""
+    out = model(batch["pixel_values"], batch["prompt_pixel_values"], batch["prompt_masks"],
+                bool_masked_pos=batch["bool_masked_pos"], labels=batch["labels"], embedding_type=batch["is_instance"],
+                dropout_rng=dropout_rng)
+    return painter_loss_terms(model.config, out.pred_masks, batch["prompt_masks"], batch["labels"],
+                              batch["bool_masked_pos"], batch.get("valid"))
+
+
+def _make_step(graphdef, wrt, accum: int, drop_path: bool):
+    """A jitted step over the (model, optimizer) state, which it donates."""
+
+    @functools.partial(jax.jit, donate_argnums=(0,))
+    def step(state, batch, key):
+        model, optimizer = nnx.merge(graphdef, state)
+        parts = [jax.tree.map(lambda x: x[i::accum], batch) for i in range(accum)]
+        total_count = sum(painter_count(model.config, part) for part in parts)  # data only: no gradient
+
+        def micro_loss(model, part, micro_key):
+            numerator, _ = batch_loss_terms(model, part, micro_key if drop_path else None)
+            return numerator / total_count
+
+        grad_fn = nnx.value_and_grad(micro_loss, argnums=nnx.DiffState(0, wrt))
+        loss, grads = 0.0, None
+        for i, part in enumerate(parts):
+            micro, g = grad_fn(model, part, jax.random.fold_in(key, i))
+            loss = loss + micro
+            grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+        optimizer.update(model, grads)
+        return nnx.state((model, optimizer)), loss
+
+    return step
+
+
+def painter_count(config: SegGptConfig, batch: dict) -> jax.Array:
+    """The loss denominator of a batch (counted pixels), computed from the batch alone."""
+    zeros = jnp.zeros(batch["prompt_masks"].shape[:2] + (batch["prompt_masks"].shape[2] * 2,)
+                      + batch["prompt_masks"].shape[3:], jnp.float32)
+    _, count = painter_loss_terms(config, zeros, batch["prompt_masks"], batch["labels"], batch["bool_masked_pos"],
+                                  batch.get("valid"))
+    return count
+
+
+# ------------------------------------------------------------------------------------ the trainer
+class Trainer:
+    """Owns a model, its optimizer and the jitted step; checkpoints and resumes exactly."""
+
+    def __init__(self, model: nnx.Module, config: TrainConfig, *, batches: Callable[[int], dict] | None = None,
+                 optimizer: nnx.Optimizer | None = None, step: int = 0):
+        if config.remat_policy is not None:
+            model.configure(remat_policy=config.remat_policy)
+        if config.dtype == "bfloat16":
+            _set_compute_dtype(model, jnp.bfloat16)
+        self.model, self.config, self.batches = model, config, batches
+        self.optimizer = optimizer if optimizer is not None else make_optimizer(model, config)
+        self.step_count = step
+        self._wrt = trainable_filter(config.trainable)
+        self._key = jax.random.key(config.seed)
+        self._step_fn = None
+        self.history: list[dict] = []
+
+    def train_step(self, batch: dict) -> float:
+        if self._step_fn is None:
+            graphdef, _ = nnx.split((self.model, self.optimizer))
+            self._step_fn = _make_step(graphdef, self._wrt, self.config.grad_accum, self.config.drop_path)
+        state = nnx.state((self.model, self.optimizer))
+        new_state, loss = self._step_fn(state, batch, jax.random.fold_in(self._key, self.step_count))
+        nnx.update((self.model, self.optimizer), new_state)
+        self.step_count += 1
+        return loss
+
+    def fit(self, *, checkpoint_dir: str | None = None, log: Callable[[dict], None] | None = None,
+            evaluate: Callable[[], dict] | None = None, eval_every: int | None = None,
+            stop_after: int | None = None) -> list[dict]:
+        """Train up to ``config.steps`` (or ``stop_after`` more steps), checkpointing every
+        ``checkpoint_every`` steps and at the end; returns the logged records."""
+        if self.batches is None:
+            raise ValueError("Trainer needs batches=... (e.g. EpisodeBatches) to fit")
+        end = self.config.steps if stop_after is None else min(self.config.steps, self.step_count + stop_after)
+        start_time, losses = time.perf_counter(), []
+        for batch in Prefetcher(self.batches, self.step_count, end):
+            loss = self.train_step(batch)
+            losses.append(loss)
+            step = self.step_count
+            if step % self.config.log_every == 0 or step == end:
+                record = {"step": step, "loss": float(np.mean([float(v) for v in losses])),
+                          "seconds": round(time.perf_counter() - start_time, 3)}
+                losses = []
+                if evaluate is not None and eval_every and (step % eval_every == 0 or step == end):
+                    record.update(evaluate())
+                self.history.append(record)
+                if log is not None:
+                    log(record)
+            if checkpoint_dir and (step % self.config.checkpoint_every == 0 or step == end):
+                self.save(os.path.join(checkpoint_dir, f"step_{step:07d}"))
+                _point_latest(checkpoint_dir, step)
+        return self.history
+
+    # -------------------------------------------------------------------------- checkpoints
+    def save(self, directory: str) -> None:
+        """``model/`` (save_pretrained), ``optimizer.safetensors`` and ``trainer.json``, written atomically."""
+        from safetensors.numpy import save_file
+
+        parent = os.path.dirname(os.path.abspath(directory))
+        os.makedirs(parent, exist_ok=True)
+        staging = directory + ".partial"
+        if os.path.exists(staging):
+            shutil.rmtree(staging)
+        os.makedirs(staging)
+        self.model.save_pretrained(os.path.join(staging, "model"))
+        arrays = {_path(path): np.asarray(jax.device_get(var[...]))
+                  for path, var in nnx.to_flat_state(nnx.state(self.optimizer))}
+        save_file(arrays, os.path.join(staging, "optimizer.safetensors"))
+        with open(os.path.join(staging, "trainer.json"), "w") as f:
+            json.dump({"step": self.step_count, "config": self.config.to_json(), "history": self.history}, f, indent=2)
+        if os.path.exists(directory):
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+
+    @classmethod
+    def restore(cls, directory: str, *, batches: Callable[[int], dict] | None = None,
+                config: TrainConfig | None = None) -> "Trainer":
+        """Resume from a :meth:`save` folder (or a run folder holding ``latest``)."""
+        from safetensors.numpy import load_file
+
+        from .modeling import SegGptForImageSegmentation
+
+        if os.path.isfile(os.path.join(directory, "latest")):
+            with open(os.path.join(directory, "latest")) as f:
+                directory = os.path.join(directory, f.read().strip())
+        meta_path = os.path.join(directory, "trainer.json")
+        if not os.path.isfile(meta_path):
+            raise FileNotFoundError(f"no training checkpoint in {directory} (expected trainer.json)")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        saved = TrainConfig.from_json(meta["config"])
+        config = config or saved
+        model = SegGptForImageSegmentation.from_pretrained(os.path.join(directory, "model"))
+        trainer = cls(model, config, batches=batches, step=int(meta["step"]))
+        arrays = load_file(os.path.join(directory, "optimizer.safetensors"))
+        state = nnx.state(trainer.optimizer)
+        flat = nnx.to_flat_state(state)
+        missing = [_path(p) for p, _ in flat if _path(p) not in arrays]
+        if missing:
+            raise ValueError(f"{directory}/optimizer.safetensors does not match this optimizer (missing {missing[:5]}); "
+                             "was the trainable set changed?")
+        for path, var in flat:
+            var[...] = jnp.asarray(arrays[_path(path)])
+        nnx.update(trainer.optimizer, state)
+        trainer.history = meta.get("history", [])
+        return trainer
+
+
+def _point_latest(run_dir: str, step: int) -> None:
+    tmp = os.path.join(run_dir, ".latest.tmp")
+    with open(tmp, "w") as f:
+        f.write(f"step_{step:07d}\n")
+    os.replace(tmp, os.path.join(run_dir, "latest"))
+
+
+def _set_compute_dtype(model: nnx.Module, dtype) -> None:
+    """bfloat16 compute with the parameters kept in float32 (every module's compute dtype)."""
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, (nnx.Linear, nnx.Conv)):
+            node.dtype = dtype
+        policy = getattr(node, "p", None) or getattr(node, "precision_policy", None)
+        if policy is not None and dataclasses.is_dataclass(policy):
+            replaced = dataclasses.replace(policy, dtype=jnp.dtype(dtype))
+            if hasattr(node, "p"):
+                node.p = replaced
+            if hasattr(node, "precision_policy"):
+                node.precision_policy = replaced
