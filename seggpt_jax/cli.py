@@ -266,7 +266,8 @@ def _unique_names(paths: list[str]) -> list[str]:
 def _cmd_segment(args) -> int:
     from PIL import Image
 
-    from .media import atomic_save, check_readable, collect_images, mask_image, overlay
+    from ._files import atomic_save
+    from .media import check_readable, collect_images, mask_image, overlay
     from .processing import to_rgb_uint8
 
     import warnings
@@ -302,9 +303,8 @@ def _cmd_segment(args) -> int:
 
 
 def _cmd_video(args) -> int:
-    from PIL import Image
-
-    from .media import atomic_save, iter_frames, mask_image, overlay, save_animation
+    from ._files import atomic_save
+    from .media import iter_frames, mask_image, overlay, save_animation
 
     if args.context_frames < 0:
         raise _UserError(f"--context-frames must be >= 0, got {args.context_frames}")
@@ -363,7 +363,7 @@ class _JsonLog:
 def _write_json(path: str, data: dict) -> None:
     import json
 
-    from .media import atomic_save
+    from ._files import atomic_save
 
     def write(tmp):
         with open(tmp, "w") as f:

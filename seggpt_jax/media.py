@@ -6,12 +6,12 @@ Every writer goes through :func:`atomic_save`: a file appears complete or not at
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageSequence
 
+from ._files import atomic_save
 from .processing import build_palette, open_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
@@ -98,21 +98,6 @@ def _video_frames(path: str) -> Iterator[tuple[str, Image.Image]]:
                 yield f"{index:05d}", frame.to_image().convert("RGB")
     except av.error.FFmpegError as e:
         raise InputError(f"cannot decode video {path}: {e}") from None
-
-
-def atomic_save(path: str, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` then rename over ``path``: no half-written file is ever left at ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    suffix = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=suffix, dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def mask_image(mask: np.ndarray, num_labels: int | None) -> Image.Image:

@@ -393,9 +393,16 @@ def _nchw_to_nhwc(x: Array, dtype: Any) -> Array:
 
 
 class _Configurable:
-    """``configure(...)``: swap the :class:`RuntimeConfig` on every module that holds it."""
+    """``configure(...)``: swap the :class:`RuntimeConfig` on every module that holds it; and the
+    validated, jitted public call shared by both model classes."""
 
     runtime: RuntimeConfig
+    config: SegGptConfig
+
+    def _run(self, jitted, *args: Any, **kwargs: Any):
+        inputs, options = _inputs.prepare(self.config, *args, **kwargs)
+        graphdef, state = nnx.split(self)
+        return jitted(graphdef, state, inputs, options)
 
     def configure(self, **changes: Any) -> "_Configurable":
         """Change how the model runs (``attention=``, ``scan_layers=``, ``remat_policy=``) in place;
@@ -447,11 +454,9 @@ class SegGptModel(PretrainedMixin, _Configurable, nnx.Module):
                  ensemble_mode: str = "transformers", output_hidden_states: bool = False, *,
                  prompts_per_query: int | None = None, dropout_rng: Array | None = None) -> SegGptEncoderOutput:
         """Same arguments as :meth:`SegGptForImageSegmentation.__call__`; runs the jitted encoder."""
-        inputs, options = _inputs.prepare(
-            self.config, pixel_values, prompt_pixel_values, prompt_masks, bool_masked_pos, feature_ensemble,
-            embedding_type, labels, ensemble_mode, output_hidden_states, prompts_per_query, dropout_rng)
-        graphdef, state = nnx.split(self)
-        return _encoder_jit(graphdef, state, inputs, options)
+        return self._run(_encoder_jit, pixel_values, prompt_pixel_values, prompt_masks, bool_masked_pos,
+                         feature_ensemble, embedding_type, labels, ensemble_mode, output_hidden_states,
+                         prompts_per_query, dropout_rng)
 
 
 class SegGptForImageSegmentation(PretrainedMixin, _Configurable, nnx.Module):
@@ -509,11 +514,9 @@ class SegGptForImageSegmentation(PretrainedMixin, _Configurable, nnx.Module):
         The forward is jitted once per input shapes and static switches; call it from inside
         ``jax.jit``/``nnx.jit``/``nnx.grad`` as well.
         """
-        inputs, options = _inputs.prepare(
-            self.config, pixel_values, prompt_pixel_values, prompt_masks, bool_masked_pos, feature_ensemble,
-            embedding_type, labels, ensemble_mode, output_hidden_states, prompts_per_query, dropout_rng)
-        graphdef, state = nnx.split(self)
-        return _segment_jit(graphdef, state, inputs, options)
+        return self._run(_segment_jit, pixel_values, prompt_pixel_values, prompt_masks, bool_masked_pos,
+                         feature_ensemble, embedding_type, labels, ensemble_mode, output_hidden_states,
+                         prompts_per_query, dropout_rng)
 
 
 def painter_loss_terms(config: SegGptConfig, pred_masks: Array, prompt_masks: Array, labels: Array,

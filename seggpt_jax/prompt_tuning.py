@@ -73,7 +73,7 @@ class LearnedPrompt:
         """safetensors with the canvases and the metadata (JSON) in its header; written atomically."""
         from safetensors.numpy import save_file
 
-        from .media import atomic_save
+        from ._files import atomic_save
 
         metadata = {"format": FORMAT, "metadata": json.dumps(self.metadata, sort_keys=True)}
         tensors = {"prompt_pixel_values": self.prompt_pixel_values, "prompt_masks": self.prompt_masks}
@@ -245,7 +245,7 @@ def tune_prompt(model, dataset: _Dataset, config: PromptTuningConfig = PromptTun
 def _save_state(path: str, params, opt_state, meta: dict, config: PromptTuningConfig) -> None:
     from safetensors.numpy import save_file
 
-    from .media import atomic_save
+    from ._files import atomic_save
 
     LearnedPrompt(np.asarray(params["image"]), np.asarray(params["mask"]), meta).save(path)
     leaves = jax.tree.leaves(opt_state)

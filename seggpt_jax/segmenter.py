@@ -140,7 +140,7 @@ class Segmenter:
         return pixels, rgb.shape[:2], source
 
     def prepare_prompt(self, prompt: Any, num_labels: int | None) -> tuple[np.ndarray, np.ndarray]:
-        """``([3, h, w] image, [3, h, w] mask)`` float32, cached per prompt object and mode."""
+        """``([3, h, w] image, [3, h, w] mask)`` float32, cached per prompt object and mode within a call."""
         if hasattr(prompt, "prompt_pixel_values"):  # already model inputs (a learned prompt)
             return np.asarray(prompt.prompt_pixel_values), np.asarray(prompt.prompt_masks)
         key = (id(prompt.image), id(prompt.mask), num_labels)
@@ -197,6 +197,7 @@ class Segmenter:
                            or num_labels < 1):
             raise ValueError(f"semantic mode needs num_labels >= 1, got {num_labels!r}")
         per_query = normalise_prompts(prompts, len(images))
+        self._prompt_cache = {}  # processed prompts, shared by the queries of this call only
         types = _embedding_types(embedding_type, len(images), "instance" if binary else "semantic")
         groups: dict[int, list[int]] = {}
         for index, query_prompts in enumerate(per_query):

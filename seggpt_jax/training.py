@@ -22,7 +22,6 @@ import re
 import shutil
 import time
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp

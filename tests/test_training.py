@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
-import jax
 import numpy as np
 import optax
 import pytest
-import torch
 from conftest import TINY_CONFIGS, random_bool_masked_pos, random_inputs, to_torch
 from flax import nnx
 from PIL import Image

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from typing import Any
 
 import jax
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .._files import atomic_save
 from ..config import ConfigError, SegGptConfig
 from . import sources
 from .readers import CheckpointError, TensorReader, open_weights
@@ -189,23 +189,9 @@ def save_pretrained(model: nnx.Module, directory: str | os.PathLike) -> None:
         "model_class": type(model).__name__,
         "config": json.dumps(config.to_dict(), sort_keys=True),
     }
-    _atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda path: save_file(tensors, path, metadata=metadata))
-    _atomic_write(os.path.join(directory, sources.CONFIG_NAME),
+    atomic_save(os.path.join(directory, WEIGHTS_NAME), lambda path: save_file(tensors, path, metadata=metadata))
+    atomic_save(os.path.join(directory, sources.CONFIG_NAME),
                   lambda path: config.to_json_file(path, seggpt_jax_version=__version__))
-
-
-def _atomic_write(target: str, write) -> None:
-    """Write to a temporary file beside ``target`` and rename: no half-written file is left behind."""
-    folder = os.path.dirname(target) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(target), dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 __all__ = ["CheckpointError", "fill_parameters", "flat_parameters", "load_pretrained", "save_pretrained", "NATIVE"]

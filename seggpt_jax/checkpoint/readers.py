@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import zipfile
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -254,8 +253,3 @@ def open_weights(path: str) -> TensorReader:
         return TorchReader(path)
     raise CheckpointError(f"{path}: unknown weight file type (expected .safetensors, .bin, .pth, .pt or an "
                           ".index.json of shards)")
-
-
-def iter_keys_with_shapes(reader: TensorReader) -> Iterator[tuple[str, tuple[int, ...]]]:
-    for key in reader.keys():
-        yield key, reader.shape(key)
