@@ -54,6 +54,14 @@ def test_convert_original_pth_reports_parity_through_transformers(hf_tiny, tmp_p
     _same_parameters(hf_tiny("nonsquare")[1], tmp_path / "out")
 
 
+def test_convert_reports_parity_for_a_grid_with_odd_rows(hf_tiny, tmp_path, capsys):
+    """transformers' own test config has 15 patch rows: no feature-ensemble case, but a full report."""
+    _, src = hf_tiny("hf_test")
+    assert main(["convert", src, str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "parity OK" in printed and "ensemble" not in printed and "semantic + labels" in printed
+
+
 def test_convert_to_bfloat16_without_parity(hf_tiny, tmp_path, capsys):
     _, src = hf_tiny("nonsquare", "bin")
     assert main(["convert", src, str(tmp_path / "out"), "--dtype", "bfloat16", "--no-parity"]) == 0
