@@ -52,6 +52,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vit-large", action="store_true", help="also the full-size ViT-L (several minutes)")
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # a forked child must not inherit unflushed rows
     from conftest import TINY_CONFIGS, make_hf_model
     from transformers import SegGptConfig as HFConfig
 

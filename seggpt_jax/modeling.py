@@ -306,7 +306,7 @@ class SegGptEncoder(nnx.Module):
             if options.feature_ensemble:
                 ensemble = functools.partial(feature_ensemble, layer=start, merge_index=merge,
                                              mode=options.ensemble_mode, prompts=prompts)
-            x, inputs = self._run(x, start, stop, ensemble, rates, keys, options.output_hidden_states)
+            x, inputs = self._run_layers(x, start, stop, ensemble, rates, keys, options.output_hidden_states)
             hidden_states += inputs
             if stop - 1 == merge:
                 half = x.shape[0] // 2
@@ -321,7 +321,8 @@ class SegGptEncoder(nnx.Module):
             intermediate_hidden_states=tuple(intermediate),
         )
 
-    def _run(self, x, start: int, stop: int, ensemble, rates, keys, collect: bool) -> tuple[Array, list[Array]]:
+    def _run_layers(self, x, start: int, stop: int, ensemble, rates, keys,
+                    collect: bool) -> tuple[Array, list[Array]]:
         """Layers ``[start, stop)``, unrolled or as one ``lax.scan``; also returns each layer's input."""
 
         def apply(layer, h, rate, layer_keys):
