@@ -170,3 +170,18 @@ def max_abs(a, b) -> float:
     b = b.detach().numpy() if hasattr(b, "detach") else np.asarray(b, dtype=np.float32)
     assert a.shape == b.shape, (a.shape, b.shape)
     return float(np.max(np.abs(a - b)))
+
+
+def moving_square_clip(frames: int, size: tuple[int, int], step: int, seed: int = 0):
+    """A bright square moving right over a textured background: (frames, first frame's bool mask)."""
+    height, width = size
+    background = np.random.default_rng(seed).integers(0, 120, (height, width, 3), dtype=np.uint8)
+    side, top, left = height // 3, height // 5, width // 12
+    clip = []
+    for t in range(frames):
+        frame = background.copy()
+        frame[top:top + side, left + step * t:left + side + step * t] = (250, 240, 30)
+        clip.append(frame)
+    mask = np.zeros((height, width), bool)
+    mask[top:top + side, left:left + side] = True
+    return clip, mask

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import moving_square_clip
 from PIL import Image
 
 from seggpt_jax.cli import main
@@ -130,16 +131,9 @@ def test_offline_without_weights_fails_in_one_line(workspace, tmp_path):
 
 
 def _clip_files(tmp_path, frames=5):
-    rng = np.random.default_rng(1)
-    background = rng.integers(0, 100, (40, 56, 3), dtype=np.uint8)
-    images = []
-    for t in range(frames):
-        frame = background.copy()
-        frame[8:24, 4 + 5 * t:20 + 5 * t] = (250, 240, 30)
-        images.append(frame)
-    mask = np.zeros((40, 56), np.uint8)
-    mask[8:24, 4:20] = 255
-    return images, _save(tmp_path / "first.png", images[0]), _save(tmp_path / "first_mask.png", mask, "L")
+    images, mask = moving_square_clip(frames, (40, 56), step=5, seed=1)
+    first_mask = _save(tmp_path / "first_mask.png", mask.astype(np.uint8) * 255, "L")
+    return images, _save(tmp_path / "first.png", images[0]), first_mask
 
 
 @pytest.mark.parametrize("container", ["folder", "gif", "webp", "apng", "mp4"])

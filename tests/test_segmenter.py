@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from conftest import moving_square_clip
 from PIL import Image
 
 from seggpt_jax import Prompt, RuntimeConfig, SegGptForImageSegmentation, SegGptImageProcessor, Segmenter
@@ -157,27 +158,13 @@ class _Recorder:
         return out
 
 
-def _clip(frames: int = 6):
-    """A bright square moving over a textured background, and its first-frame mask."""
-    rng = np.random.default_rng(0)
-    background = rng.integers(0, 120, (48, 64, 3), dtype=np.uint8)
-    clip = []
-    for t in range(frames):
-        frame = background.copy()
-        frame[10:26, 5 + 6 * t: 21 + 6 * t] = (250, 240, 30)
-        clip.append(frame)
-    mask = np.zeros((48, 64), bool)
-    mask[10:26, 5:21] = True
-    return clip, mask
-
-
 @pytest.mark.parametrize("context", [0, 2])
 def test_video_context_cache(tiny, context):
     _, _, model = tiny
     recorder = _Recorder(model)
     segmenter = Segmenter(model)
     segmenter.model = recorder
-    clip, mask = _clip()
+    clip, mask = moving_square_clip(6, (48, 64), step=6)
     results = list(segmenter.segment_video(clip, (clip[0], mask), context_frames=context))
     assert len(results) == len(clip) and all(r.mask.shape == (48, 64) for r in results)
     processor = segmenter.processor
