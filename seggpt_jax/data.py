@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageEnhance
 
 from .media import IMAGE_EXTENSIONS
-from .processing import open_image
+from .processing import SegGptImageProcessor, mask_to_rgb, open_image
 
 
 class DataError(ValueError):
@@ -66,6 +66,14 @@ class _Dataset:
             ignored = labels == self.ignore_index if self.ignore_index is not None else np.zeros(labels.shape, bool)
             labels = np.where(ignored, self.ignore_index or 0, (labels != 0).astype(np.int64))
         return image, labels
+
+    def painted(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A loaded mask as the RGB picture the model paints (binary: white foreground; class ids: the
+        SegGPT palette; RGB masks as they are) and its ``valid`` map (False on the ignore index)."""
+        if labels.ndim == 3:  # RGB masks
+            return labels, np.ones(labels.shape[:2], bool)
+        valid = labels != self.ignore_index if self.ignore_index is not None else np.ones(labels.shape, bool)
+        return mask_to_rgb(np.where(valid, labels, 0), self.num_labels or 1, what="training mask"), valid
 
     def validate(self) -> "_Dataset":
         problems: list[str] = []
@@ -170,6 +178,13 @@ class FSS1000Dataset(_Dataset):
             self.samples += [Sample(images[s], masks[s], name, f"{name}/{s}") for s in sorted(set(images) & set(masks))]
         if problems:
             raise DataError(_listing(f"{self.root}: files without their image/mask partner", problems))
+
+
+def resize_valid(processor: SegGptImageProcessor, valids: Sequence[np.ndarray]) -> np.ndarray:
+    """``[n, 1, h, w]`` bool: full-resolution valid maps resized (nearest) to the model's input size."""
+    pictures = [np.repeat(v[..., None].astype(np.uint8) * 255, 3, -1) for v in valids]
+    resized = processor(prompt_masks=pictures, do_convert_rgb=False, do_normalize=False, return_tensors="np")
+    return resized["prompt_masks"][:, :1] > 0.5
 
 
 # ------------------------------------------------------------------------------------ episodes

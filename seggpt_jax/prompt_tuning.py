@@ -25,9 +25,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from .data import Augment, Prefetcher, _Dataset
+from .data import Augment, Prefetcher, _Dataset, resize_valid
 from .modeling import painter_loss_terms
-from .processing import SegGptImageProcessor, mask_to_rgb
+from .processing import SegGptImageProcessor
 
 FORMAT = "seggpt-jax-learned-prompt/1"
 
@@ -139,13 +139,11 @@ class QueryBatches:
         self.processor = SegGptImageProcessor(size=query_size)
 
     def painted(self, image: np.ndarray, labels: np.ndarray):
-        ignore = self.dataset.ignore_index
-        valid = labels != ignore if ignore is not None else np.ones(labels.shape, bool)
-        mask = mask_to_rgb(np.where(valid, labels, 0), self.dataset.num_labels or 1, what="training mask")
+        """(query pixels, painted mask, valid ``[1, h, w]``) at the model's input size."""
+        mask, valid = self.dataset.painted(labels)
         out = self.processor(images=image, prompt_masks=mask, do_convert_rgb=False, return_tensors="np")
-        valid = self.processor(prompt_masks=np.repeat(valid[..., None].astype(np.uint8) * 255, 3, -1),
-                               do_convert_rgb=False, do_normalize=False, return_tensors="np")["prompt_masks"][0, :1] > 0.5
-        return out["pixel_values"][0], out["prompt_masks"][0], valid.astype(np.float32)
+        valid = resize_valid(self.processor, [valid])[0].astype(np.float32)
+        return out["pixel_values"][0], out["prompt_masks"][0], valid
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([self.seed, step])

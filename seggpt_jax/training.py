@@ -30,9 +30,9 @@ import optax
 from flax import nnx
 
 from .config import SegGptConfig
-from .data import Augment, Prefetcher, _Dataset
+from .data import Augment, Prefetcher, _Dataset, resize_valid
 from .modeling import painter_loss_terms
-from .processing import SegGptImageProcessor, mask_to_rgb
+from .processing import SegGptImageProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -173,18 +173,9 @@ class EpisodeBatches:
         self.dataset, self.config = dataset, model_config
         self.batch_size, self.seed, self.augment = batch_size, seed, augment
         self.mask_ratio, self.half_mask_prob = mask_ratio, half_mask_prob
-        self.num_labels = dataset.num_labels
         self.instance = (embedding_type or ("instance" if dataset.num_labels is None else "semantic")) == "instance"
         self.processor = SegGptImageProcessor(size=model_config.query_size)
         self._groups = [members for _, members in sorted(dataset.groups().items())]
-
-    def _painted(self, image: np.ndarray, labels: np.ndarray):
-        """(mask RGB, valid [h, w] bool) at full resolution."""
-        if labels.ndim == 3:  # RGB masks
-            return labels, np.ones(labels.shape[:2], bool)
-        ignore = self.dataset.ignore_index
-        valid = labels != ignore if ignore is not None else np.ones(labels.shape, bool)
-        return mask_to_rgb(np.where(valid, labels, 0), self.num_labels or 1, what="training mask"), valid
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([self.seed, step])
@@ -199,14 +190,12 @@ class EpisodeBatches:
                 image, labels = self.dataset.load(self.dataset[int(index)])
                 if self.augment is not None:
                     image, labels = self.augment(image, labels, rng)
-                mask_rgb, valid = self._painted(image, labels)
+                mask_rgb, valid = self.dataset.painted(labels)
                 pair.append((image, mask_rgb, valid))
             (p_image, p_mask, p_valid), (q_image, q_mask, q_valid) = pair
             out = self.processor(images=q_image, prompt_images=p_image, prompt_masks=[p_mask, q_mask],
                                  do_convert_rgb=False, return_tensors="np")
-            valid = self.processor(prompt_masks=[np.repeat(v[..., None].astype(np.uint8) * 255, 3, -1)
-                                                 for v in (p_valid, q_valid)], do_convert_rgb=False, do_normalize=False,
-                                   return_tensors="np")["prompt_masks"][:, :1] > 0.5
+            valid = resize_valid(self.processor, (p_valid, q_valid))
             rows["pixel_values"].append(out["pixel_values"][0])
             rows["prompt_pixel_values"].append(out["prompt_pixel_values"][0])
             rows["prompt_masks"].append(out["prompt_masks"][0])

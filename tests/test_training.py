@@ -267,3 +267,21 @@ def test_learned_prompt_errors(tmp_path, copying_model):
         Segmenter(copying_model).segment(np.zeros((10, 10, 3), np.uint8), prompts=wrong)
     with pytest.raises(ValueError, match=r"a learned prompt holds \[P, 3, h, w\]"):
         LearnedPrompt(np.zeros((3, 8, 8)), np.zeros((3, 8, 8)))
+
+
+def test_rgb_mask_datasets_feed_both_trainers(tmp_path):
+    """Colour masks are used as painted (no palette), by fine-tuning and prompt-tuning batches alike."""
+    from seggpt_jax.prompt_tuning import QueryBatches
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "masks" / f"{i}.png")
+    data = FolderDataset(tmp_path, rgb_masks=True).validate()
+    queries = QueryBatches(data, SMALL.query_size, batch_size=2, seed=0, augment=None)(0)
+    assert queries["labels"].shape == (2, 3, 32, 32) and queries["valid"].shape == (2, 1, 32, 32)
+    assert np.all(queries["valid"] == 1)
+    episodes = EpisodeBatches(data, SMALL, batch_size=2, augment=None)(0)
+    assert episodes["labels"].shape == (2, 3, 32, 32) and episodes["valid"].shape == (2, 1, 64, 32)
