@@ -188,7 +188,7 @@ def class_map_agreement(a, b) -> float:
     """Share of query pixels whose post-processed class (palette of 20 labels) agrees."""
     import numpy as np
 
-    from seggpt_jax.processing import SegGptImageProcessor
+    from seggpt_jax.imaging.processor import SegGptImageProcessor
 
     processor = SegGptImageProcessor()
     maps_a = processor.post_process_semantic_segmentation(a, num_labels=20)

@@ -25,7 +25,7 @@ def gradient_errors(hf, model, seed: int = 0) -> tuple[float, float]:
     import torch
     from flax import nnx
 
-    from seggpt_jax.checkpoint import TRANSFORMERS
+    from seggpt_jax.weights import TRANSFORMERS
 
     config = model.config
     rng = np.random.default_rng(seed)

@@ -2,12 +2,12 @@
 
 __version__ = "0.1.0"
 
-from .checkpoint import CheckpointError, ModelNotFoundError
+from .weights import CheckpointError, ModelNotFoundError
 from .config import ConfigError, SegGptConfig
-from .processing import SegGptImageProcessor
+from .imaging.processor import SegGptImageProcessor
 from .runtime import RuntimeConfig, enable_compilation_cache
-from .segmenter import Prompt, SegmentationResult, Segmenter
-from .modeling import (
+from .inference.segmenter import Prompt, SegmentationResult, Segmenter
+from .nn.models import (
     SegGptEncoderOutput,
     SegGptForImageSegmentation,
     SegGptImageSegmentationOutput,

@@ -13,7 +13,7 @@ import os
 
 import jax
 
-from .attention import ATTENTION_IMPLS
+from .nn.attention import ATTENTION_IMPLS
 
 logger = logging.getLogger(__name__)
 

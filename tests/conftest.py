@@ -2,7 +2,7 @@
 
 Nothing here is produced by the code under test: transformers builds and saves the models, and the
 original-BAAI-layout file is written with a rename list kept in this file (independent of
-``seggpt_jax.checkpoint.tables``).
+``seggpt_jax.weights.tables``).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from safetensors.torch import save_file as save_torch_safetensors
 
 from seggpt_jax import (CheckpointError, ConfigError, ModelNotFoundError, SegGptConfig, SegGptForImageSegmentation,
                         SegGptModel)
-from seggpt_jax.checkpoint import flat_parameters
+from seggpt_jax.weights import flat_parameters
 
 
 def _params(model) -> dict[str, np.ndarray]:
@@ -232,7 +232,7 @@ def test_safetensors_reader_agrees_with_the_safetensors_library(tmp_path):
     from safetensors import safe_open
     from safetensors.numpy import save_file
 
-    from seggpt_jax.checkpoint.readers import SafetensorsReader
+    from seggpt_jax.weights.readers import SafetensorsReader
 
     rng = np.random.default_rng(0)
     tensors = {

@@ -13,7 +13,7 @@ import pytest
 from conftest import TINY_CONFIGS
 
 from seggpt_jax import SegGptForImageSegmentation
-from seggpt_jax.checkpoint import flat_parameters
+from seggpt_jax.weights import flat_parameters
 from seggpt_jax.cli import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from seggpt_jax import SegGptForImageSegmentation
-from seggpt_jax.checkpoint import flat_parameters
+from seggpt_jax.weights import flat_parameters
 from seggpt_jax.cli import main
 from seggpt_jax.data import write_synthetic_fss, write_synthetic_folder
 

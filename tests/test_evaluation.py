@@ -11,7 +11,7 @@ from PIL import Image
 
 from seggpt_jax.data import (DataError, FolderDataset, FSS1000Dataset, class_episodes, fold_classes, sample_episodes,
                              write_synthetic_fss)
-from seggpt_jax.evaluation import FewShotMeter, confusion_matrix, iou_per_class, mean_iou
+from seggpt_jax.eval.metrics import FewShotMeter, confusion_matrix, iou_per_class, mean_iou
 
 
 def test_confusion_matrix_and_iou_by_hand():

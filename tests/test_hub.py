@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from seggpt_jax import ModelNotFoundError, SegGptForImageSegmentation
-from seggpt_jax.checkpoint import flat_parameters
+from seggpt_jax.weights import flat_parameters
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -60,7 +60,7 @@ def _run(code: str, env_extra: dict[str, str]) -> subprocess.CompletedProcess:
 LOAD_AND_SUM = """
     import numpy as np
     from seggpt_jax import SegGptForImageSegmentation
-    from seggpt_jax.checkpoint import flat_parameters
+    from seggpt_jax.weights import flat_parameters
     model = SegGptForImageSegmentation.from_pretrained("acme/seggpt-tiny")
     print("SUM", sum(float(np.asarray(v[...], np.float64).sum()) for v in flat_parameters(model).values()))
 """

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from seggpt_jax import SegGptConfig, SegGptForImageSegmentation, SegGptModel
-from seggpt_jax.modeling import _encoder_jit, _segment_jit
+from seggpt_jax.nn.models import _encoder_jit, _segment_jit
 
 CONFIG = SegGptConfig(image_size=(32, 16), patch_size=4, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
                       merge_index=1, intermediate_hidden_state_indices=(1, 3), pretrain_image_size=16,

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from transformers import SegGptConfig as HFConfig
 from transformers.models.seggpt.modeling_seggpt import SegGptAttention
 
-from seggpt_jax.attention import relative_tables
-from seggpt_jax.ops import layer_norm, patch_mask_to_pixels, resize_position_embeddings, smooth_l1
+from seggpt_jax.nn.attention import relative_tables
+from seggpt_jax.nn.ops import layer_norm, patch_mask_to_pixels, resize_position_embeddings, smooth_l1
 
 
 @pytest.mark.parametrize("grid, out", [(14, (56, 28)), (5, (15, 15)), (6, (16, 8)), (14, (14, 14)), (7, (3, 5)),

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from seggpt_jax.processing import SegGptImageProcessor, build_palette
+from seggpt_jax.imaging.processor import SegGptImageProcessor, build_palette
 
 try:
     from transformers import SegGptImageProcessorPil as HFProcessor

@@ -10,8 +10,8 @@ from conftest import random_bool_masked_pos, random_inputs
 from flax import nnx
 
 from seggpt_jax import RuntimeConfig, SegGptConfig, SegGptForImageSegmentation
-from seggpt_jax.attention import (attention_chunked, attention_plain, attention_widened, resolve_impl, widen)
-from seggpt_jax.modeling import layer_segments
+from seggpt_jax.nn.attention import (attention_chunked, attention_plain, attention_widened, resolve_impl, widen)
+from seggpt_jax.nn.models import layer_segments
 
 CONFIGS = {
     "nonsquare": SegGptConfig(image_size=(64, 32), patch_size=4, hidden_size=32, num_hidden_layers=6,

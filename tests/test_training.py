@@ -10,12 +10,12 @@ from flax import nnx
 from PIL import Image
 
 from seggpt_jax import SegGptConfig, SegGptForImageSegmentation, Segmenter, painter_loss
-from seggpt_jax.checkpoint import TRANSFORMERS, flat_parameters
+from seggpt_jax.weights import TRANSFORMERS, flat_parameters
 from seggpt_jax.data import FolderDataset, FSS1000Dataset, sample_episodes, write_synthetic_fss
-from seggpt_jax.evaluation import evaluate_episodes
-from seggpt_jax.prompt_tuning import (LearnedPrompt, PromptTuningConfig, initial_prompt, resume_prompt_tuning,
+from seggpt_jax.eval.metrics import evaluate_episodes
+from seggpt_jax.train.prompt_tuning import (LearnedPrompt, PromptTuningConfig, initial_prompt, resume_prompt_tuning,
                                       tune_prompt)
-from seggpt_jax.training import EpisodeBatches, Trainer, TrainConfig, batch_loss_terms
+from seggpt_jax.train.trainer import EpisodeBatches, Trainer, TrainConfig, batch_loss_terms
 
 SMALL = SegGptConfig(image_size=(64, 32), patch_size=4, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                      merge_index=1, intermediate_hidden_state_indices=(1, 3), pretrain_image_size=32,
@@ -271,7 +271,7 @@ def test_learned_prompt_errors(tmp_path, copying_model):
 
 def test_rgb_mask_datasets_feed_both_trainers(tmp_path):
     """Colour masks are used as painted (no palette), by fine-tuning and prompt-tuning batches alike."""
-    from seggpt_jax.prompt_tuning import QueryBatches
+    from seggpt_jax.train.prompt_tuning import QueryBatches
 
     (tmp_path / "images").mkdir()
     (tmp_path / "masks").mkdir()

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import SegGptConfig
+from ..config import SegGptConfig
 
 EMBEDDING_TYPES = ("semantic", "instance")  # index 0 = semantic, 1 = instance (the BAAI code's seg_type)
 ENSEMBLE_MODES = ("transformers", "original")

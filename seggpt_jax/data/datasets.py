@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from .media import IMAGE_EXTENSIONS
-from .processing import SegGptImageProcessor, mask_to_rgb, open_image
+from ..imaging.media import IMAGE_EXTENSIONS
+from ..imaging.processor import SegGptImageProcessor, mask_to_rgb, open_image
 
 
 class DataError(ValueError):

@@ -27,12 +27,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import _inputs
-from ._pretrained import PretrainedMixin
+from . import inputs as _inputs
+from ..weights.pretrained import PretrainedMixin
 from .attention import attention, resolve_impl
-from .config import SegGptConfig
+from ..config import SegGptConfig
 from .ops import activation, layer_norm, patch_mask_to_pixels, resize_position_embeddings, smooth_l1
-from .runtime import RuntimeConfig, remat_policy
+from ..runtime import RuntimeConfig, remat_policy
 
 Array = jax.Array
 
@@ -441,7 +441,7 @@ class SegGptModel(PretrainedMixin, _Configurable, nnx.Module):
         self.encoder = SegGptEncoder(config, p, runtime, rngs=rngs)
 
     def encode(self, inputs: dict[str, Any], options: _inputs.ForwardOptions) -> SegGptEncoderOutput:
-        """Traceable forward on prepared inputs (see :func:`seggpt_jax._inputs.prepare`)."""
+        """Traceable forward on prepared inputs (see :func:`seggpt_jax.nn.inputs.prepare`)."""
         dt = self.precision_policy.dtype
         second = inputs["labels"] if inputs.get("labels") is not None else inputs["prompt_masks"]
         pixel_canvas = jnp.concatenate([inputs["prompt_pixel_values"], inputs["pixel_values"]], axis=2)

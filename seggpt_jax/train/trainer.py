@@ -29,10 +29,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from .config import SegGptConfig
-from .data import Augment, Prefetcher, _Dataset, resize_valid
-from .modeling import painter_loss_terms
-from .processing import SegGptImageProcessor
+from ..config import SegGptConfig
+from ..data import Augment, Prefetcher, _Dataset, resize_valid
+from ..nn.models import painter_loss_terms
+from ..imaging.processor import SegGptImageProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -335,7 +335,7 @@ class Trainer:
         """Resume from a :meth:`save` folder (or a run folder holding ``latest``)."""
         from safetensors.numpy import load_file
 
-        from .modeling import SegGptForImageSegmentation
+        from ..nn.models import SegGptForImageSegmentation
 
         if os.path.isfile(os.path.join(directory, "latest")):
             with open(os.path.join(directory, "latest")) as f:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import Episode, _Dataset
+from ..data import Episode, _Dataset
 
 
 def confusion_matrix(prediction: np.ndarray, target: np.ndarray, num_classes: int,

@@ -1,4 +1,4 @@
-"""``from_pretrained`` / ``save_pretrained`` for the model classes (the work is in :mod:`seggpt_jax.checkpoint`)."""
+"""``from_pretrained`` / ``save_pretrained`` for the model classes (the work is in :mod:`seggpt_jax.weights`)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ class PretrainedMixin:
             CheckpointError: unreadable files, or tensors that do not fit (all problems listed).
             ModelNotFoundError: nothing found locally, in the cache, or on the Hub.
         """
-        from .checkpoint import load_pretrained
+        from . import load_pretrained
 
         return load_pretrained(cls, name_or_path, revision=revision, cache_dir=cache_dir,
                                local_files_only=local_files_only, token=token, config=config, dtype=dtype,
@@ -42,6 +42,6 @@ class PretrainedMixin:
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write ``config.json`` + ``model.safetensors`` keyed by Flax parameter path; loads back exactly."""
-        from .checkpoint import save_pretrained
+        from . import save_pretrained
 
         save_pretrained(self, save_directory)

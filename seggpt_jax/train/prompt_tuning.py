@@ -25,9 +25,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from .data import Augment, Prefetcher, _Dataset, resize_valid
-from .modeling import painter_loss_terms
-from .processing import SegGptImageProcessor
+from ..data import Augment, Prefetcher, _Dataset, resize_valid
+from ..nn.models import painter_loss_terms
+from ..imaging.processor import SegGptImageProcessor
 
 FORMAT = "seggpt-jax-learned-prompt/1"
 
@@ -73,7 +73,7 @@ class LearnedPrompt:
         """safetensors with the canvases and the metadata (JSON) in its header; written atomically."""
         from safetensors.numpy import save_file
 
-        from ._files import atomic_save
+        from ..files import atomic_save
 
         metadata = {"format": FORMAT, "metadata": json.dumps(self.metadata, sort_keys=True)}
         tensors = {"prompt_pixel_values": self.prompt_pixel_values, "prompt_masks": self.prompt_masks}
@@ -81,7 +81,7 @@ class LearnedPrompt:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LearnedPrompt":
-        from .checkpoint.readers import CheckpointError, SafetensorsReader
+        from ..weights.readers import CheckpointError, SafetensorsReader
 
         path = os.fspath(path)
         if not os.path.isfile(path):
@@ -101,7 +101,7 @@ class LearnedPrompt:
 
     def images(self) -> tuple[np.ndarray, np.ndarray]:
         """The canvases as ``[P, h, w, 3]`` uint8 pictures (prompt images, prompt masks)."""
-        from .processing import IMAGENET_MEAN, IMAGENET_STD
+        from ..imaging.processor import IMAGENET_MEAN, IMAGENET_STD
 
         def picture(x):
             x = x * np.float32(IMAGENET_STD)[None, :, None, None] + np.float32(IMAGENET_MEAN)[None, :, None, None]
@@ -243,7 +243,7 @@ def tune_prompt(model, dataset: _Dataset, config: PromptTuningConfig = PromptTun
 def _save_state(path: str, params, opt_state, meta: dict, config: PromptTuningConfig) -> None:
     from safetensors.numpy import save_file
 
-    from ._files import atomic_save
+    from ..files import atomic_save
 
     LearnedPrompt(np.asarray(params["image"]), np.asarray(params["mask"]), meta).save(path)
     leaves = jax.tree.leaves(opt_state)

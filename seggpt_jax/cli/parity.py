@@ -12,10 +12,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from ._inputs import default_bool_masked_pos
-from .checkpoint.loader import flat_parameters
-from .checkpoint.tables import TRANSFORMERS
-from .config import SegGptConfig
+from ..nn.inputs import default_bool_masked_pos
+from ..weights.loader import flat_parameters
+from ..weights.tables import TRANSFORMERS
+from ..config import SegGptConfig
 
 
 def available() -> bool:

@@ -86,6 +86,12 @@ def relative_position_index(size: int) -> np.ndarray:
     return index
 
 
+def relative_tables(rel_pos_h: jax.Array, rel_pos_w: jax.Array, grid: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
+    """Gather ``[H, H, hd]`` and ``[W, W, hd]`` tables indexed by ``(query, key)`` coordinates."""
+    rows, cols = grid
+    return rel_pos_h[relative_position_index(rows)], rel_pos_w[relative_position_index(cols)]
+
+
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
     """LayerNorm over the last axis with float32 statistics and the two-pass variance."""
     x32 = x.astype(jnp.float32)

@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .._files import atomic_save
+from ..files import atomic_save
 from ..config import ConfigError, SegGptConfig
-from . import sources
+from . import hub
 from .readers import CheckpointError, TensorReader, open_weights
 from .tables import NATIVE, NATIVE_METADATA_KEY, TABLES, Table, detect_format
 
@@ -116,7 +116,7 @@ def _source_shape(transform, expected: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(expected[i] for i in inverse)
 
 
-def _config_for(resolved: sources.Resolved, reader: TensorReader,
+def _config_for(resolved: hub.Resolved, reader: TensorReader,
                 explicit: SegGptConfig | None) -> tuple[SegGptConfig, str]:
     """The config to build the model with, and where it came from (for messages)."""
     if explicit is not None:
@@ -142,7 +142,7 @@ def load_pretrained(cls: type, name_or_path: str | os.PathLike, *, revision: str
                     dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, precision: Any = None,
                     runtime: Any = None, layout: str | None = None):
     """See :meth:`seggpt_jax.SegGptForImageSegmentation.from_pretrained`."""
-    resolved = sources.resolve(name_or_path, revision=revision, cache_dir=cache_dir,
+    resolved = hub.resolve(name_or_path, revision=revision, cache_dir=cache_dir,
                                local_files_only=local_files_only, token=token)
     with open_weights(resolved.weights) as reader:
         try:
@@ -190,7 +190,7 @@ def save_pretrained(model: nnx.Module, directory: str | os.PathLike) -> None:
         "config": json.dumps(config.to_dict(), sort_keys=True),
     }
     atomic_save(os.path.join(directory, WEIGHTS_NAME), lambda path: save_file(tensors, path, metadata=metadata))
-    atomic_save(os.path.join(directory, sources.CONFIG_NAME),
+    atomic_save(os.path.join(directory, hub.CONFIG_NAME),
                   lambda path: config.to_json_file(path, seggpt_jax_version=__version__))
 
 

@@ -11,8 +11,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageSequence
 
-from ._files import atomic_save
-from .processing import build_palette, open_image
+from ..files import atomic_save
+from .processor import build_palette, open_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 ANIMATION_EXTENSIONS = (".gif", ".webp", ".png", ".apng", ".tif", ".tiff")

@@ -24,8 +24,8 @@ import jax
 import numpy as np
 from PIL import Image
 
-from ._inputs import EMBEDDING_TYPES, ENSEMBLE_MODES
-from .processing import (SegGptImageProcessor, build_palette, mask_to_rgb, nearest_palette, open_image,
+from ..nn.inputs import EMBEDDING_TYPES, ENSEMBLE_MODES
+from ..imaging.processor import (SegGptImageProcessor, build_palette, mask_to_rgb, nearest_palette, open_image,
                          painted_query, to_label_map, to_rgb_uint8, torch_nearest_index)
 
 
@@ -111,7 +111,7 @@ class Segmenter:
                                        or batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if compilation_cache:
-            from .runtime import enable_compilation_cache
+            from ..runtime import enable_compilation_cache
 
             enable_compilation_cache(None if compilation_cache is True else compilation_cache)
         self.model = model
@@ -126,7 +126,7 @@ class Segmenter:
                         batch_size: int | None = None, ensemble_mode: str = "transformers",
                         compilation_cache: bool | str | None = None, **load_kwargs: Any) -> "Segmenter":
         """Load the model (any source :meth:`SegGptForImageSegmentation.from_pretrained` accepts)."""
-        from .modeling import SegGptForImageSegmentation
+        from ..nn.models import SegGptForImageSegmentation
 
         model = SegGptForImageSegmentation.from_pretrained(name_or_path, **load_kwargs)
         return cls(model, batch_size=batch_size, ensemble_mode=ensemble_mode, compilation_cache=compilation_cache)

@@ -218,7 +218,7 @@ class _Progress:
 
 
 def _prompts_from_args(args) -> list:
-    from .media import InputError, check_readable
+    from ..imaging.media import InputError, check_readable
 
     if len(args.prompt_image) != len(args.prompt_mask):
         raise InputError(f"got {len(args.prompt_image)} --prompt-image and {len(args.prompt_mask)} --prompt-mask; "
@@ -226,13 +226,13 @@ def _prompts_from_args(args) -> list:
     if getattr(args, "learned_prompt", None):
         if args.prompt_image:
             raise InputError("use either --learned-prompt or --prompt-image/--prompt-mask, not both")
-        from .prompt_tuning import LearnedPrompt
+        from ..train.prompt_tuning import LearnedPrompt
 
         return LearnedPrompt.load(args.learned_prompt)  # all of its prompts, checked against the model
     if not args.prompt_image:
         raise InputError("give at least one --prompt-image with its --prompt-mask")
     prompts = []
-    from .segmenter import Prompt
+    from ..inference.segmenter import Prompt
 
     for image, mask in zip(args.prompt_image, args.prompt_mask):
         image_size, mask_size = check_readable(image), check_readable(mask)
@@ -244,8 +244,8 @@ def _prompts_from_args(args) -> list:
 
 
 def _make_segmenter(args):
-    from .modeling import SegGptForImageSegmentation
-    from .segmenter import Segmenter
+    from ..nn.models import SegGptForImageSegmentation
+    from ..inference.segmenter import Segmenter
 
     model = SegGptForImageSegmentation.from_pretrained(args.model, revision=args.revision, cache_dir=args.cache_dir,
                                                        local_files_only=args.local_files_only)
@@ -266,9 +266,9 @@ def _unique_names(paths: list[str]) -> list[str]:
 def _cmd_segment(args) -> int:
     from PIL import Image
 
-    from ._files import atomic_save
-    from .media import check_readable, collect_images, mask_image, overlay
-    from .processing import to_rgb_uint8
+    from ..files import atomic_save
+    from ..imaging.media import check_readable, collect_images, mask_image, overlay
+    from ..imaging.processor import to_rgb_uint8
 
     import warnings
 
@@ -277,7 +277,7 @@ def _cmd_segment(args) -> int:
         check_readable(path)
     prompts = _prompts_from_args(args)  # warns, in one line, about masks of another size than their image
     if args.learned_prompt and args.num_labels is None and not args.binary:
-        from .prompt_tuning import LearnedPrompt
+        from ..train.prompt_tuning import LearnedPrompt
 
         args.num_labels = LearnedPrompt.load(args.learned_prompt).metadata.get("num_labels")
     warnings.filterwarnings("ignore", message="prompt mask .* but its image is", category=UserWarning)
@@ -303,8 +303,8 @@ def _cmd_segment(args) -> int:
 
 
 def _cmd_video(args) -> int:
-    from ._files import atomic_save
-    from .media import iter_frames, mask_image, overlay, save_animation
+    from ..files import atomic_save
+    from ..imaging.media import iter_frames, mask_image, overlay, save_animation
 
     if args.context_frames < 0:
         raise _UserError(f"--context-frames must be >= 0, got {args.context_frames}")
@@ -333,7 +333,7 @@ def _cmd_video(args) -> int:
 
 
 def _dataset(args):
-    from .data import FolderDataset, FSS1000Dataset
+    from ..data import FolderDataset, FSS1000Dataset
 
     layout = args.data_layout or ("fss1000" if getattr(args, "protocol", None) == "fss1000" else "folder")
     if layout == "fss1000":
@@ -363,7 +363,7 @@ class _JsonLog:
 def _write_json(path: str, data: dict) -> None:
     import json
 
-    from ._files import atomic_save
+    from ..files import atomic_save
 
     def write(tmp):
         with open(tmp, "w") as f:
@@ -374,8 +374,8 @@ def _write_json(path: str, data: dict) -> None:
 
 
 def _cmd_finetune(args) -> int:
-    from .modeling import SegGptForImageSegmentation
-    from .training import EpisodeBatches, Trainer, TrainConfig
+    from ..nn.models import SegGptForImageSegmentation
+    from ..train.trainer import EpisodeBatches, Trainer, TrainConfig
 
     dataset = _dataset(args)  # every data problem is reported before any training starts
     config = TrainConfig(
@@ -417,8 +417,8 @@ def _cmd_finetune(args) -> int:
 
 
 def _cmd_tune_prompt(args) -> int:
-    from .modeling import SegGptForImageSegmentation
-    from .prompt_tuning import PromptTuningConfig, resume_prompt_tuning, tune_prompt
+    from ..nn.models import SegGptForImageSegmentation
+    from ..train.prompt_tuning import PromptTuningConfig, resume_prompt_tuning, tune_prompt
 
     dataset = _dataset(args)
     config = PromptTuningConfig(steps=args.steps, batch_size=args.train_batch_size, learning_rate=args.lr,
@@ -442,8 +442,8 @@ def _cmd_tune_prompt(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from .data import class_episodes, fold_classes, sample_episodes
-    from .evaluation import evaluate_episodes, evaluate_folder
+    from ..data import class_episodes, fold_classes, sample_episodes
+    from ..eval.metrics import evaluate_episodes, evaluate_folder
 
     dataset = _dataset(args)
     segmenter = _make_segmenter(args)
@@ -475,8 +475,8 @@ def _cmd_evaluate(args) -> int:
 def _load(args, dtype: str = "float32"):
     import jax.numpy as jnp
 
-    from .config import SegGptConfig
-    from .modeling import SegGptForImageSegmentation
+    from ..config import SegGptConfig
+    from ..nn.models import SegGptForImageSegmentation
 
     config = SegGptConfig.from_json_file(args.config) if args.config else None
     return SegGptForImageSegmentation.from_pretrained(
@@ -487,9 +487,9 @@ def _load(args, dtype: str = "float32"):
 def _cmd_convert(args) -> int:
     import numpy as np
 
-    from .checkpoint import flat_parameters, resolve
-    from .checkpoint.sources import CONFIG_NAME
-    from .modeling import SegGptForImageSegmentation
+    from ..weights import flat_parameters, resolve
+    from ..weights.hub import CONFIG_NAME
+    from ..nn.models import SegGptForImageSegmentation
 
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not os.path.isdir(out):
@@ -545,14 +545,14 @@ def _cmd_convert(args) -> int:
 
 
 def _is_transformers_layout(weights: str) -> bool:
-    from .checkpoint import TRANSFORMERS, detect_format, open_weights
+    from ..weights import TRANSFORMERS, detect_format, open_weights
 
     with open_weights(weights) as reader:
         return detect_format(reader.keys(), reader.metadata) is TRANSFORMERS
 
 
 def _describe(model) -> str:
-    from .checkpoint import flat_parameters
+    from ..weights import flat_parameters
 
     params = flat_parameters(model)
     count = sum(int(v[...].size) for v in params.values())
@@ -578,12 +578,12 @@ class _UserError(Exception):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
+    from ..weights import CheckpointError
+    from ..config import ConfigError
 
-    from .checkpoint import ModelNotFoundError
-    from .data import DataError
-    from .media import InputError
+    from ..weights import ModelNotFoundError
+    from ..data import DataError
+    from ..imaging.media import InputError
 
     commands = {"convert": _cmd_convert, "info": _cmd_info, "segment": _cmd_segment, "video": _cmd_video,
                 "finetune": _cmd_finetune, "tune-prompt": _cmd_tune_prompt, "evaluate": _cmd_evaluate}

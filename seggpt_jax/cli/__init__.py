@@ -1,0 +1,5 @@
+"""The ``seggpt-jax`` command line."""
+
+from .main import main
+
+__all__ = ["main"]

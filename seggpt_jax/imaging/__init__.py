@@ -1,0 +1,1 @@
+"""Images in and out: decoding, the mask-and-palette rule, the processor, output pictures."""

@@ -1,0 +1,1 @@
+"""Inference: prompts, the Segmenter API and the video procedure."""

@@ -1,0 +1,1 @@
+"""The model: ops, attention kernels, layers, encoder, painter, loss, input validation."""
