@@ -6,7 +6,8 @@ from .weights import CheckpointError, ModelNotFoundError
 from .config import ConfigError, SegGptConfig
 from .imaging.processor import SegGptImageProcessor
 from .runtime import RuntimeConfig, enable_compilation_cache
-from .inference.segmenter import Prompt, SegmentationResult, Segmenter
+from .inference.prompts import Prompt
+from .inference.segmenter import InputFailure, SegmentationResult, Segmenter
 from .nn.models import (
     SegGptEncoderOutput,
     SegGptForImageSegmentation,
@@ -21,6 +22,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "ModelNotFoundError",
+    "InputFailure",
     "Prompt",
     "RuntimeConfig",
     "SegGptConfig",

@@ -35,12 +35,15 @@ def test_conversion_entry_points(hf_tiny, tmp_path, entry):
     command = {"python -m convert": [sys.executable, "-m", "convert"],
                "python convert": [sys.executable, "convert"],
                "seggpt-jax convert": [CONSOLE_SCRIPT, "convert"]}[entry]
-    result = subprocess.run([*command, src, str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([*command, src, "--out-dir", str(out)], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr
     assert "reload is bit-identical" in result.stdout
     assert "parity against transformers (read by transformers from SRC" in result.stdout
     assert "parity OK: pred_masks max abs error" in result.stdout
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert "checking that it reloads" in result.stderr and "parity against transformers on random inputs" in \
+        result.stderr  # it says what it is doing, and how long the parity check takes
+    assert sorted(os.listdir(out)) == [".seggpt-jax-outputs.jsonl", "config.json", "model.safetensors"]
     _same_parameters(src, out)
 
 
@@ -48,7 +51,7 @@ def test_convert_original_pth_reports_parity_through_transformers(hf_tiny, tmp_p
     _, src = hf_tiny("nonsquare", "original")
     config = tmp_path / "config.json"
     config.write_text(json.dumps(TINY_CONFIGS["nonsquare"]))
-    assert main(["convert", src, str(tmp_path / "out"), "--config", str(config)]) == 0
+    assert main(["convert", src, "--out-dir", str(tmp_path / "out"), "--config", str(config)]) == 0
     printed = capsys.readouterr().out
     assert "our weights exported to transformers" in printed and "parity OK" in printed
     _same_parameters(hf_tiny("nonsquare")[1], tmp_path / "out")
@@ -57,14 +60,14 @@ def test_convert_original_pth_reports_parity_through_transformers(hf_tiny, tmp_p
 def test_convert_reports_parity_for_a_grid_with_odd_rows(hf_tiny, tmp_path, capsys):
     """transformers' own test config has 15 patch rows: no feature-ensemble case, but a full report."""
     _, src = hf_tiny("hf_test")
-    assert main(["convert", src, str(tmp_path / "out")]) == 0
+    assert main(["convert", src, "--out-dir", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
     assert "parity OK" in printed and "ensemble" not in printed and "semantic + labels" in printed
 
 
 def test_convert_to_bfloat16_without_parity(hf_tiny, tmp_path, capsys):
     _, src = hf_tiny("nonsquare", "bin")
-    assert main(["convert", src, str(tmp_path / "out"), "--dtype", "bfloat16", "--no-parity"]) == 0
+    assert main(["convert", src, "--out-dir", str(tmp_path / "out"), "--dtype", "bfloat16", "--no-parity"]) == 0
     assert "bfloat16" in capsys.readouterr().out
     from safetensors import safe_open
 
@@ -75,7 +78,7 @@ def test_convert_to_bfloat16_without_parity(hf_tiny, tmp_path, capsys):
 
 
 def test_convert_errors_are_one_clear_line_and_leave_nothing_behind(hf_tiny, tmp_path, capsys):
-    assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "out")]) == 1
+    assert main(["convert", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("seggpt-jax convert: error: no such file or directory:") and err.count("\n") == 1
 
@@ -84,16 +87,33 @@ def test_convert_errors_are_one_clear_line_and_leave_nothing_behind(hf_tiny, tmp
     shutil.copytree(src, broken)
     data = (broken / "model.safetensors").read_bytes()
     (broken / "model.safetensors").write_bytes(data[: len(data) // 3])
-    assert main(["convert", str(broken), str(tmp_path / "out")]) == 1
+    assert main(["convert", str(broken), "--out-dir", str(tmp_path / "out")]) == 1
     assert "truncated or corrupt" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".convert-")]
+    assert not (tmp_path / "out").exists()  # nothing is created before the checkpoint has been read
 
-    (tmp_path / "busy").mkdir()
-    (tmp_path / "busy" / "keep.txt").write_text("mine")
-    assert main(["convert", src, str(tmp_path / "busy")]) == 1
-    assert "is not empty; pass --overwrite" in capsys.readouterr().err
-    assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
+    (tmp_path / "file").write_text("not a folder")
+    assert main(["convert", src, "--out-dir", str(tmp_path / "file"), "--no-parity"]) == 1
+    assert "--out-dir " + str(tmp_path / "file") + " exists and is not a folder" in capsys.readouterr().err
+
+
+def test_convert_overwrite_replaces_only_its_own_files(hf_tiny, tmp_path, capsys):
+    _, src = hf_tiny("nonsquare")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    (busy / "notes").mkdir()
+    (busy / "notes" / "a.txt").write_text("also mine")
+    assert main(["convert", src, "--out-dir", str(busy), "--no-parity"]) == 0  # beside unrelated files
+    assert main(["convert", src, "--out-dir", str(busy), "--no-parity"]) == 1  # its own files: only with --overwrite
+    assert "config.json exists (written by an earlier run); pass --overwrite" in capsys.readouterr().err
+    assert main(["convert", src, "--out-dir", str(busy), "--no-parity", "--overwrite"]) == 0
+    assert (busy / "keep.txt").read_text() == "mine" and (busy / "notes" / "a.txt").read_text() == "also mine"
+    _same_parameters(src, busy)
+
+    (busy / "config.json").write_text("{}")  # the user's own file under a name convert writes: never replaced
+    assert main(["convert", src, "--out-dir", str(busy), "--no-parity", "--overwrite"]) == 1
+    assert "config.json exists and was not written by seggpt-jax" in capsys.readouterr().err
+    assert (busy / "config.json").read_text() == "{}" and (busy / "keep.txt").read_text() == "mine"
 
 
 def test_info(hf_tiny, capsys):

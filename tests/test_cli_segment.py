@@ -1,8 +1,11 @@
-"""``seggpt-jax segment`` and ``seggpt-jax video`` end to end on a tiny random-weight checkpoint."""
+"""``seggpt-jax segment`` and ``seggpt-jax video`` end to end on a tiny random-weight checkpoint: outputs,
+messy inputs, files never lost, every error one line."""
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import subprocess
 import sys
 
@@ -14,6 +17,8 @@ from PIL import Image
 from seggpt_jax.cli import main
 
 CONSOLE_SCRIPT = os.path.join(os.path.dirname(sys.executable), "seggpt-jax")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(REPO, "examples")
 
 
 def _save(path, array, mode=None):
@@ -40,20 +45,44 @@ def workspace(hf_tiny, tmp_path):
                 out=str(tmp_path / "out"), tmp=tmp_path)
 
 
+def _segment(w, *extra, inputs=None, prompt=None, out=None):
+    prompt = prompt or ["--prompt-image", w["prompt"], "--prompt-mask", w["mask"]]
+    return main(["segment", *(inputs or [w["photos"]]), *prompt, "--out-dir", out or w["out"], "--model", w["model"],
+                 *extra])
+
+
+def _outputs(folder):
+    return sorted(f for f in os.listdir(folder) if not f.startswith(".")) if os.path.isdir(folder) else []
+
+
+def _error_lines(err):
+    return [line for line in err.splitlines() if "error:" in line]
+
+
 def test_segment_binary_folder(workspace, capsys):
     w = workspace
-    code = main(["segment", w["photos"], "--prompt-image", w["prompt"], "--prompt-mask", w["mask"], "--out-dir",
-                 w["out"], "--model", w["model"]])
+    code = _segment(w)
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert "segmented 5 images (binary, 1 prompt)" in captured.out and "wrote 10 files" in captured.out
-    assert "segment [" in captured.err and "5/5" in captured.err  # the progress bar
+    assert "segmented 5 of 5 images (binary, 1 prompt)" in captured.out and "wrote 10 files" in captured.out
+    assert "loading" in captured.err and "5/5" in captured.err  # status lines and the progress bar
     for i, (h, w_) in enumerate(w["sizes"]):
         mask = Image.open(os.path.join(w["out"], f"img{i}_mask.png"))
         overlay = Image.open(os.path.join(w["out"], f"img{i}_overlay.png"))
         assert mask.mode == "L" and mask.size == (w_, h) and set(np.unique(np.asarray(mask))) <= {0, 255}
         assert overlay.mode == "RGB" and overlay.size == (w_, h)
-    assert sorted(os.listdir(w["out"])) == sorted([f"img{i}_{k}.png" for i in range(5) for k in ("mask", "overlay")])
+    assert _outputs(w["out"]) == sorted([f"img{i}_{k}.png" for i in range(5) for k in ("mask", "overlay")])
+
+
+def test_readme_main_job_runs_on_the_shipped_examples(workspace, tmp_path):
+    """The README's main-job command, as written but for a local tiny checkpoint in place of the Hub id."""
+    w = workspace
+    result = subprocess.run([CONSOLE_SCRIPT, "segment", "examples/queries/", "--prompt-image", "examples/prompt.jpg",
+                             "--prompt-mask", "examples/prompt_mask.png", "--out-dir", str(tmp_path / "out"),
+                             "--model", w["model"]], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    queries = sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(EXAMPLES, "queries")))
+    assert _outputs(tmp_path / "out") == sorted(f"{q}_{k}.png" for q in queries for k in ("mask", "overlay"))
 
 
 def test_segment_semantic_with_two_prompts_via_console_script(workspace):
@@ -70,51 +99,183 @@ def test_segment_semantic_with_two_prompts_via_console_script(workspace):
     assert mask.getpalette()[:6] == [0, 0, 0, 255, 255, 255]  # class ids are indices into the SegGPT palette
 
 
-@pytest.mark.parametrize("args, message", [
-    (["missing.jpg"], "no such file or folder: missing.jpg"),
-    (["EMPTY"], "holds no images"),
-    (["BROKEN"], "cannot read image"),
-    (["PHOTOS", "--drop-mask"], "got 1 --prompt-image and 0 --prompt-mask; give each prompt image with its mask"),
-    (["PHOTOS", "--extra-mask"], "got 1 --prompt-image and 2 --prompt-mask"),
-    (["PHOTOS", "--missing-prompt"], "no such file: nowhere.png"),
-    (["PHOTOS", "--bad-labels"], "has labels [5] above num_labels=2"),
-])
-def test_segment_errors(workspace, capsys, args, message):
+def test_a_truncated_jpeg_in_the_middle_fails_alone(workspace, capsys):
     w = workspace
-    (w["tmp"] / "empty").mkdir()
-    broken = w["tmp"] / "broken.png"
-    broken.write_text("not a png")
-    inputs = [{"EMPTY": str(w["tmp"] / "empty"), "BROKEN": str(broken), "PHOTOS": w["photos"]}.get(a, a)
-              for a in args if not a.startswith("--")]
-    prompt_args = ["--prompt-image", w["prompt"], "--prompt-mask", w["mask"]]
-    extra = []
-    if "--drop-mask" in args:
-        prompt_args = ["--prompt-image", w["prompt"]]
-    if "--extra-mask" in args:
-        prompt_args += ["--prompt-mask", w["mask"]]
-    if "--missing-prompt" in args:
-        prompt_args = ["--prompt-image", "nowhere.png", "--prompt-mask", w["mask"]]
-    if "--bad-labels" in args:
-        big = _save(w["tmp"] / "big.png", np.full((50, 50), 5, np.uint8), "L")
-        prompt_args = ["--prompt-image", w["prompt"], "--prompt-mask", big]
+    photos = w["photos"]
+    data = open(os.path.join(photos, "img2.jpg"), "rb").read()
+    with open(os.path.join(photos, "img2.jpg"), "wb") as f:
+        f.write(data[: len(data) // 2])
+    code = _segment(w)
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "segmented 4 of 5 images" in captured.out and "1 input failed:" in captured.out
+    assert f"cannot read image {os.path.join(photos, 'img2.jpg')}: the file is truncated" in captured.out
+    assert _outputs(w["out"]) == sorted(f"img{i}_{k}.png" for i in (0, 1, 3, 4) for k in ("mask", "overlay"))
+    assert not [f for f in os.listdir(w["out"]) if f.startswith(".partial")]
+
+
+def test_outputs_respect_the_umask(workspace):
+    w = workspace
+    old = os.umask(0o022)
+    try:
+        assert _segment(w) == 0
+    finally:
+        os.umask(old)
+    for name in _outputs(w["out"]) + [".seggpt-jax-outputs.jsonl"]:
+        mode = stat.S_IMODE(os.stat(os.path.join(w["out"], name)).st_mode)
+        assert mode == 0o644, (name, oct(mode))
+    assert stat.S_IMODE(os.stat(w["out"]).st_mode) == 0o755
+
+
+def test_rerun_into_the_input_folder_skips_its_own_outputs_and_never_replaces_other_files(workspace, capsys):
+    w = workspace
+    photos = w["photos"]
+    _save(os.path.join(photos, "img0_overlay.png"), np.zeros((5, 5, 3), np.uint8))  # the user's file, same name
+    assert _segment(w, out=photos) == 1
+    out = capsys.readouterr().out
+    assert "segmented 5 of 6 images" in out and "img0_overlay.png exists and was not written by seggpt-jax" in out
+    ours = [f for f in os.listdir(photos) if f.startswith("img1_")]
+    assert sorted(ours) == ["img1_mask.png", "img1_overlay.png"]
+    before = {f: os.stat(os.path.join(photos, f)).st_mtime_ns for f in os.listdir(photos)}
+    assert np.asarray(Image.open(os.path.join(photos, "img0_overlay.png"))).max() == 0  # left alone
+
+    assert _segment(w, out=photos) == 1  # without --overwrite: nothing to do, the model is not even loaded
+    err = capsys.readouterr().err
+    assert "nothing to do" in err and "pass --overwrite" in err and "loading" not in err
+
+    assert _segment(w, "--overwrite", out=photos) == 1  # replaces its own outputs only; never reads them as inputs
+    out = capsys.readouterr().out
+    assert "segmented 5 of 6 images" in out and "wrote 10 files" in out
+    assert np.asarray(Image.open(os.path.join(photos, "img0_overlay.png"))).max() == 0
+    assert set(os.listdir(photos)) == set(before)
+
+
+def test_binary_prompt_mask_levels_reach_the_model_as_given(workspace, monkeypatch):
+    """An RGB mask with anti-aliased grey edges goes in as its own levels, as the BAAI code feeds it."""
+    from seggpt_jax.inference import prompts as prompts_module
+
+    w = workspace
+    mask = np.zeros((50, 50, 3), np.uint8)
+    mask[10:30, 15:40] = 255
+    mask[9, 15:40] = 62  # anti-aliased edge
+    mask[30, 15:40] = (4, 59, 126)
+    soft = _save(w["tmp"] / "soft.png", mask)
+    seen = []
+    real = prompts_module.prompt_picture
+    monkeypatch.setattr(prompts_module, "prompt_picture", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    assert _segment(w, inputs=[os.path.join(w["photos"], "img0.jpg")],
+                    prompt=["--prompt-image", w["prompt"], "--prompt-mask", soft]) == 0
+    np.testing.assert_array_equal(seen[-1], mask)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing input", "no such file or folder: missing.jpg"),
+    ("empty folder", "holds no images"),
+    ("prompt image without mask", "got 1 --prompt-image and 0 --prompt-mask; give each prompt image with its mask"),
+    ("extra mask", "got 1 --prompt-image and 2 --prompt-mask"),
+    ("missing prompt", "no such image file: nowhere.png"),
+    ("labels above num_labels", "has labels [5] above num_labels=2"),
+    ("out-dir is a file", "--out-dir OUT exists and is not a folder"),
+    ("compilation cache is a file", "--compilation-cache CACHE exists and is not a folder"),
+    ("num-labels 300", "--num-labels 300: at most 255 classes"),
+    ("colour map without num-labels", "--colour-map maps colours to class ids: it needs --num-labels"),
+    ("unknown colour map", "--colour-map: colour map 'nowhere.json' is neither 'voc' nor a JSON file"),
+    ("voc-coloured mask", "has colours that are neither class ids (grey, R=G=B) nor in the 3-label palette: "
+                          "(192, 128, 128)"),
+])
+def test_segment_errors_are_one_line_before_the_model_loads(workspace, capsys, case, message):
+    w = workspace
+    tmp = w["tmp"]
+    inputs, prompt, extra, out = [w["photos"]], ["--prompt-image", w["prompt"], "--prompt-mask", w["mask"]], [], None
+    if case == "missing input":
+        inputs = ["missing.jpg"]
+    elif case == "empty folder":
+        (tmp / "empty").mkdir()
+        inputs = [str(tmp / "empty")]
+    elif case == "prompt image without mask":
+        prompt = ["--prompt-image", w["prompt"]]
+    elif case == "extra mask":
+        prompt += ["--prompt-mask", w["mask"]]
+    elif case == "missing prompt":
+        prompt = ["--prompt-image", "nowhere.png", "--prompt-mask", w["mask"]]
+    elif case == "labels above num_labels":
+        prompt[-1] = _save(tmp / "big.png", np.full((50, 50), 5, np.uint8), "L")
         extra = ["--num-labels", "2"]
-    code = main(["segment", *inputs, *prompt_args, *extra, "--out-dir", w["out"], "--model", w["model"]])
+    elif case == "out-dir is a file":
+        out = str(tmp / "OUT")
+        (tmp / "OUT").write_text("a file")
+    elif case == "compilation cache is a file":
+        (tmp / "CACHE").write_text("a file")
+        extra = ["--compilation-cache", str(tmp / "CACHE")]
+    elif case == "num-labels 300":
+        extra = ["--num-labels", "300"]
+    elif case == "colour map without num-labels":
+        extra = ["--colour-map", "voc"]
+    elif case == "unknown colour map":
+        extra = ["--num-labels", "3", "--colour-map", "nowhere.json"]
+    elif case == "voc-coloured mask":
+        voc = np.zeros((50, 50, 3), np.uint8)
+        voc[10:30, 10:30] = (192, 128, 128)  # VOC's "person"
+        prompt[-1] = _save(tmp / "voc.png", voc)
+        extra = ["--num-labels", "3"]
+    code = _segment(w, *extra, inputs=inputs, prompt=prompt, out=out)
     err = capsys.readouterr().err
     assert code == 1
-    lines = [line for line in err.splitlines() if "error:" in line]
-    assert len(lines) == 1 and message in lines[0], err
-    leftovers = os.listdir(w["out"]) if os.path.isdir(w["out"]) else []
-    assert not [f for f in leftovers if f.endswith(".png") or f.startswith(".partial")]
+    lines = _error_lines(err)
+    assert len(lines) == 1 and message.replace("OUT", str(tmp / "OUT")).replace("CACHE", str(tmp / "CACHE")) \
+        in lines[0], err
+    assert "loading" not in err  # checked before the model loads
+    assert not os.path.isdir(w["out"]) or not os.listdir(w["out"])
+
+
+def test_a_voc_coloured_mask_is_read_through_an_explicit_colour_map(workspace, capsys):
+    w = workspace
+    voc = np.zeros((50, 50, 3), np.uint8)
+    voc[10:30, 10:30] = (192, 128, 128)  # VOC class 15, "person"
+    voc[35:45, 5:45] = (224, 224, 192)  # the void border: background
+    path = _save(w["tmp"] / "voc.png", voc)
+    colours = w["tmp"] / "colours.json"
+    colours.write_text('{"192,128,128": 1, "#E0E0C0": 0, "0,0,0": 0}')
+    for spec in (str(colours), "voc"):
+        labels = 15 if spec == "voc" else 1
+        code = _segment(w, "--num-labels", str(labels), "--colour-map", spec, "--overwrite",
+                        inputs=[os.path.join(w["photos"], "img0.jpg")],
+                        prompt=["--prompt-image", w["prompt"], "--prompt-mask", path])
+        assert code == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EROFS])
+def test_disk_full_or_read_only_is_one_line(workspace, capsys, monkeypatch, error):
+    import seggpt_jax.files as files
+
+    w = workspace
+    written = []
+    real = files.atomic_save
+
+    def failing(path, write):
+        if len(written) >= 2:
+            raise OSError(error, os.strerror(error), path)
+        real(path, write)
+        written.append(path)
+
+    monkeypatch.setattr(files, "atomic_save", failing)
+    assert _segment(w) == 1
+    captured = capsys.readouterr()
+    lines = _error_lines(captured.err)
+    assert len(lines) == 1 and os.strerror(error) in lines[0] and "Traceback" not in captured.err
+    assert "stopped after 1 of 5 images; wrote 2 files" in captured.out
+    assert not [f for f in os.listdir(w["out"]) if f.startswith(".partial")]
 
 
 def test_segment_warns_for_a_mask_of_another_size(workspace, capsys):
     w = workspace
     other = _save(w["tmp"] / "small_mask.png", np.zeros((20, 30), np.uint8), "L")
-    code = main(["segment", os.path.join(w["photos"], "img0.jpg"), "--prompt-image", w["prompt"], "--prompt-mask",
-                 other, "--out-dir", w["out"], "--model", w["model"]])
+    code = _segment(w, inputs=[os.path.join(w["photos"], "img0.jpg")],
+                    prompt=["--prompt-image", w["prompt"], "--prompt-mask", other])
     err = capsys.readouterr().err
     assert code == 0, err
-    assert f"warning: prompt mask {other} is 30x20 but {w['prompt']} is 50x50" in err
+    warnings = [line for line in err.splitlines() if "warning:" in line]
+    assert len(warnings) == 1 and f"prompt mask {other} is 30x20 but its image is 50x50" in warnings[0]
     assert os.path.isfile(os.path.join(w["out"], "img0_mask.png"))
 
 
@@ -125,15 +286,29 @@ def test_offline_without_weights_fails_in_one_line(workspace, tmp_path):
     result = subprocess.run([CONSOLE_SCRIPT, "segment", w["photos"], "--prompt-image", w["prompt"], "--prompt-mask",
                              w["mask"], "--out-dir", w["out"]], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 1
-    assert result.stderr.count("\n") == 1
-    assert "cannot load 'BAAI/seggpt-vit-large'" in result.stderr and "Pass --model PATH" in result.stderr
-    assert not os.listdir(w["out"])
+    errors = _error_lines(result.stderr)
+    assert len(errors) == 1 and "Traceback" not in result.stderr
+    assert "cannot load 'BAAI/seggpt-vit-large'" in errors[0] and "Pass --model PATH" in errors[0]
+    assert not _outputs(w["out"])
 
 
+# ------------------------------------------------------------------------------------ video
 def _clip_files(tmp_path, frames=5):
     images, mask = moving_square_clip(frames, (40, 56), step=5, seed=1)
     first_mask = _save(tmp_path / "first_mask.png", mask.astype(np.uint8) * 255, "L")
     return images, _save(tmp_path / "first.png", images[0]), first_mask
+
+
+def _write_mp4(path, frames, rate=5):
+    av = pytest.importorskip("av")
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=rate)
+        stream.width, stream.height = frames[0].shape[1], frames[0].shape[0]
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
 
 
 @pytest.mark.parametrize("container", ["folder", "gif", "webp", "apng", "mp4"])
@@ -146,16 +321,8 @@ def test_video_command(hf_tiny, tmp_path, capsys, container):
         for t, frame in enumerate(images):
             _save(source / f"f{t:03d}.png", frame)
     elif container == "mp4":
-        av = pytest.importorskip("av")
         source = tmp_path / "clip.mp4"
-        with av.open(str(source), "w") as out:
-            stream = out.add_stream("mpeg4", rate=5)
-            stream.width, stream.height = 56, 40
-            for frame in images:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                    out.mux(packet)
-            for packet in stream.encode():
-                out.mux(packet)
+        _write_mp4(source, images)
     else:
         suffix = {"gif": ".gif", "webp": ".webp", "apng": ".png"}[container]
         source = tmp_path / f"clip{suffix}"
@@ -163,31 +330,75 @@ def test_video_command(hf_tiny, tmp_path, capsys, container):
         pictures[0].save(source, save_all=True, append_images=pictures[1:], duration=100, loop=0,
                          **({"lossless": True} if container == "webp" else {}))
     out_dir = tmp_path / "video_out"
-    code = main(["video", "--prompt-image", first, "--prompt-mask", first_mask, "--frames", str(source),
-                 "--out-dir", str(out_dir), "--context-frames", "2", "--model", model])
+    overlay = "gif" if container == "gif" else "mp4"
+    code = main(["video", str(source), "--prompt-image", first, "--prompt-mask", first_mask, "--out-dir", str(out_dir),
+                 "--context-frames", "2", "--overlay", overlay, "--model", model])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "segmented 5 frames (context 2)" in captured.out
-    masks = sorted(os.listdir(out_dir / "frames"))
+    masks = sorted(f for f in os.listdir(out_dir / "frames") if not f.startswith("."))
     assert len(masks) == 5 and all(m.endswith("_mask.png") for m in masks)
     assert Image.open(out_dir / "frames" / masks[0]).size == (56, 40)
+    if overlay == "gif":
+        animation = Image.open(out_dir / "overlay.gif")
+        assert animation.n_frames == 5 and animation.size == (56, 40)
+    else:
+        av = pytest.importorskip("av")
+        with av.open(str(out_dir / "overlay.mp4")) as video:
+            decoded = [f.to_ndarray(format="rgb24") for f in video.decode(video=0)]
+            rate = video.streams.video[0].average_rate
+        assert len(decoded) == 5 and decoded[0].shape == (40, 56, 3)
+        assert float(rate) == (5 if container == "mp4" else 10)  # the clip's own rate, else the APNG/WebP's
+
+
+def test_video_of_mixed_frame_sizes_and_first_frame_as_prompt(hf_tiny, tmp_path, capsys):
+    _, model = hf_tiny("nonsquare")
+    images, _, first_mask = _clip_files(tmp_path, frames=4)
+    source = tmp_path / "frames_in"
+    source.mkdir()
+    for t, frame in enumerate(images):
+        picture = Image.fromarray(frame)
+        if t % 2:
+            picture = picture.resize((30 + 7 * t, 50))
+        picture.save(source / f"f{t:03d}.png")
+    out_dir = tmp_path / "v"
+    code = main(["video", str(source), "--prompt-mask", first_mask, "--out-dir", str(out_dir), "--overlay", "gif",
+                 "--fps", "4", "--model", model])
+    assert code == 0, capsys.readouterr().err
+    assert Image.open(out_dir / "frames" / "f001_mask.png").size == (37, 50)
     animation = Image.open(out_dir / "overlay.gif")
-    assert animation.n_frames == 5 and animation.size == (56, 40)
+    assert animation.n_frames == 4 and animation.size == (56, 40) and animation.info["duration"] == 250
 
 
 def test_video_errors(hf_tiny, tmp_path, capsys):
     _, model = hf_tiny("nonsquare")
     _, first, first_mask = _clip_files(tmp_path)
-    base = ["video", "--prompt-image", first, "--prompt-mask", first_mask, "--out-dir", str(tmp_path / "o"),
-            "--model", model]
-    assert main(base + ["--frames", str(tmp_path / "nothing")]) == 1
-    assert "no such file or folder" in capsys.readouterr().err
-    assert main(base + ["--frames", first, "--context-frames", "-1"]) == 1
-    assert "--context-frames must be >= 0" in capsys.readouterr().err
+    base = ["--prompt-image", first, "--prompt-mask", first_mask, "--out-dir", str(tmp_path / "o"), "--model", model]
+    assert main(["video", str(tmp_path / "nothing"), *base]) == 1
+    assert "no such file or folder" in _error_lines(capsys.readouterr().err)[0]
+    for option, value, message in (("--context-frames", "-1", "must be >= 0"),
+                                   ("--fps", "-50", "must be a positive number")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["video", first, *base, option, value])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["segment", "video", "info", "convert"])
-def test_every_command_has_help(command, capsys):
+@pytest.mark.parametrize("command", ["segment", "video", "info", "convert", "finetune", "tune-prompt", "evaluate"])
+def test_every_command_has_help_with_every_option_explained(command, capsys):
+    from seggpt_jax.cli.main import build_parser
+
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
     assert exit_.value.code == 0 and f"usage: seggpt-jax {command}" in capsys.readouterr().out
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    undocumented = [a.option_strings or a.dest for a in sub._actions if not a.help]
+    assert not undocumented
+
+
+def test_version(capsys):
+    import seggpt_jax
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"seggpt-jax {seggpt_jax.__version__}"

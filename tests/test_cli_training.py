@@ -12,7 +12,7 @@ from PIL import Image
 from seggpt_jax import SegGptForImageSegmentation
 from seggpt_jax.weights import flat_parameters
 from seggpt_jax.cli import main
-from seggpt_jax.data import write_synthetic_fss, write_synthetic_folder
+from seggpt_jax_testing.synthetic import write_synthetic_fss, write_synthetic_folder
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def _params(path):
 def test_finetune_resume_and_report(hf_tiny, data, tmp_path, capsys):
     _, model = hf_tiny("nonsquare")
     run = str(tmp_path / "run")
-    common = ["finetune", "--data", data["fss"], "--layout", "fss1000", "--model", model, "--out-dir", run,
+    common = ["finetune", data["fss"], "--data-layout", "fss1000", "--model", model, "--out-dir", run,
               "--batch-size", "2", "--warmup-steps", "1", "--checkpoint-every", "2", "--log-every", "2"]
     assert main(common + ["--steps", "6", "--stop-after", "4"]) == 0  # an interrupted run
     out = capsys.readouterr().out
@@ -38,8 +38,8 @@ def test_finetune_resume_and_report(hf_tiny, data, tmp_path, capsys):
     assert main(common + ["--steps", "6"]) == 1  # refuses to overwrite a run
     assert "already holds a run; pass --resume" in capsys.readouterr().err
     assert main(common + ["--steps", "6", "--resume"]) == 0
-    out = capsys.readouterr().out
-    assert "resumed" in out and "fine-tuned 6 steps" in out
+    captured = capsys.readouterr()
+    assert "resumed" in captured.err and "fine-tuned 6 steps" in captured.out
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["steps"] == 6 and report["samples"] == 8 and np.isfinite(report["final_loss"])
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
@@ -59,7 +59,7 @@ def test_finetune_refuses_bad_data_before_training(hf_tiny, tmp_path, capsys):
     (root / "masks").mkdir()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "images" / "a.png")
     Image.fromarray(np.full((8, 8), 9, np.uint8)).save(root / "masks" / "a.png")
-    code = main(["finetune", "--data", str(root), "--num-labels", "3", "--model", model, "--out-dir",
+    code = main(["finetune", str(root), "--num-labels", "3", "--model", model, "--out-dir",
                  str(tmp_path / "run"), "--steps", "2"])
     assert code == 1
     assert "class ids above num_labels=3" in capsys.readouterr().err
@@ -69,10 +69,10 @@ def test_finetune_refuses_bad_data_before_training(hf_tiny, tmp_path, capsys):
 def test_tune_prompt_then_segment_and_evaluate_with_it(hf_tiny, data, tmp_path, capsys):
     _, model = hf_tiny("nonsquare")
     prompt = str(tmp_path / "prompt.safetensors")
-    assert main(["tune-prompt", "--data", data["folder"], "--model", model, "--out", prompt, "--steps", "4",
+    assert main(["tune-prompt", data["folder"], "--model", model, "-o", prompt, "--steps", "4",
                  "--batch-size", "2", "--num-prompts", "2", "--checkpoint-every", "2", "--log-every", "2"]) == 0
     assert "learned 2 prompts in 4 steps" in capsys.readouterr().out
-    assert main(["tune-prompt", "--data", data["folder"], "--model", model, "--out", prompt, "--steps", "6",
+    assert main(["tune-prompt", data["folder"], "--model", model, "--output", prompt, "--steps", "6",
                  "--batch-size", "2", "--num-prompts", "2", "--resume"]) == 0
     capsys.readouterr()
     out_dir = tmp_path / "seg"
@@ -84,8 +84,8 @@ def test_tune_prompt_then_segment_and_evaluate_with_it(hf_tiny, data, tmp_path, 
                  "--model", model, "--out-dir", str(out_dir)]) == 1
     assert "either --learned-prompt or --prompt-image" in capsys.readouterr().err
     report = tmp_path / "folder_report.json"
-    assert main(["evaluate", "--data", data["folder"], "--protocol", "folder", "--learned-prompt", prompt,
-                 "--model", model, "--out", str(report)]) == 0
+    assert main(["evaluate", data["folder"], "--protocol", "folder", "--learned-prompt", prompt,
+                 "--model", model, "-o", str(report)]) == 0
     result = json.loads(report.read_text())
     assert result["images"] == 6 and 0 <= result["FB-IoU"] <= 1 and set(result["class_IoU"]) == {"0", "1"}
 
@@ -93,14 +93,14 @@ def test_tune_prompt_then_segment_and_evaluate_with_it(hf_tiny, data, tmp_path, 
 def test_evaluate_fss_and_fold_protocols(hf_tiny, data, tmp_path, capsys):
     _, model = hf_tiny("nonsquare")
     report = tmp_path / "fss.json"
-    assert main(["evaluate", "--data", data["fss"], "--protocol", "fss1000", "--model", model, "--out",
+    assert main(["evaluate", data["fss"], "--protocol", "fss1000", "--model", model, "--output",
                  str(report)]) == 0
     printed = capsys.readouterr()
     assert printed.out.startswith("fss1000: mIoU") and "evaluate" in printed.err
     result = json.loads(report.read_text())
     assert result["episodes"] == 8 and set(result["class_IoU"]) == {"red", "blue"}
-    assert main(["evaluate", "--data", data["folder"], "--protocol", "coco20i", "--model", model]) == 1
+    assert main(["evaluate", data["folder"], "--protocol", "coco20i", "--model", model]) == 1
     assert "needs class-id masks: pass --num-labels" in capsys.readouterr().err
-    assert main(["evaluate", "--data", data["folder"], "--protocol", "coco20i", "--fold", "1", "--num-labels", "80",
+    assert main(["evaluate", data["folder"], "--protocol", "coco20i", "--fold", "1", "--num-labels", "80",
                  "--model", model]) == 1
     assert "no episodes" in capsys.readouterr().err

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from seggpt_jax.data import (DataError, FolderDataset, FSS1000Dataset, class_episodes, fold_classes, sample_episodes,
-                             write_synthetic_fss)
+from seggpt_jax.data import DataError, FolderDataset, FSS1000Dataset, class_episodes, fold_classes, sample_episodes
+from seggpt_jax_testing.synthetic import write_synthetic_fss
 from seggpt_jax.eval.metrics import FewShotMeter, confusion_matrix, iou_per_class, mean_iou
 
 

@@ -12,7 +12,7 @@ from conftest import moving_square_clip
 from PIL import Image
 
 from seggpt_jax import Prompt, RuntimeConfig, SegGptForImageSegmentation, SegGptImageProcessor, Segmenter
-from seggpt_jax.inference.segmenter import normalise_prompts
+from seggpt_jax.inference.prompts import normalise_prompts
 
 try:
     from transformers import SegGptImageProcessorPil as HFProcessor

@@ -11,8 +11,9 @@ from PIL import Image
 
 from seggpt_jax import SegGptConfig, SegGptForImageSegmentation, Segmenter, painter_loss
 from seggpt_jax.weights import TRANSFORMERS, flat_parameters
-from seggpt_jax.data import FolderDataset, FSS1000Dataset, sample_episodes, write_synthetic_fss
-from seggpt_jax.eval.metrics import evaluate_episodes
+from seggpt_jax.data import FolderDataset, FSS1000Dataset, sample_episodes
+from seggpt_jax_testing.synthetic import write_synthetic_fss
+from seggpt_jax.eval.protocols import evaluate_episodes
 from seggpt_jax.train.prompt_tuning import (LearnedPrompt, PromptTuningConfig, initial_prompt, resume_prompt_tuning,
                                       tune_prompt)
 from seggpt_jax.train.trainer import EpisodeBatches, Trainer, TrainConfig, batch_loss_terms

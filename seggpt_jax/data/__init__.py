@@ -1,4 +1,9 @@
-"""Datasets of (image, mask) pairs, episodes, augmentation and loading."""
+"""Datasets of (image, mask) pairs, few-shot episodes, paired augmentation and a prefetching loader."""
 
-from .datasets import *  # noqa: F401,F403
-from .datasets import _Dataset  # noqa: F401
+from .augment import Augment
+from .datasets import DataError, Dataset, FolderDataset, FSS1000Dataset, Sample, resize_valid
+from .episodes import Episode, class_episodes, fold_classes, sample_episodes
+from .loader import Prefetcher
+
+__all__ = ["Augment", "DataError", "Dataset", "Episode", "FSS1000Dataset", "FolderDataset", "Prefetcher", "Sample",
+           "class_episodes", "fold_classes", "resize_valid", "sample_episodes"]

@@ -6,35 +6,41 @@ compiled programs.
     result = segmenter.segment("street.jpg", prompts=("street_1.jpg", "street_1_cars.png"))
 
 ``result.mask`` is the query's mask at its original size: a boolean foreground (binary mode, the
-default) or class ids ``0..num_labels`` (``num_labels=N``, semantic mode). Several prompts for one query
-are feature-ensembled; a list of queries may share prompts or bring their own. Batches are padded to
-at most two sizes per prompt count, so a folder of any length and any image sizes compiles at most
-twice.
+default) or class ids ``0..num_labels`` (``num_labels=N``, semantic mode). Prompt masks are read by
+the one mask rule of :mod:`seggpt_jax.imaging.masks`. Several prompts for one query are
+feature-ensembled; a list of queries may share prompts or bring their own; queries may also come as
+a stream (any iterable), read and segmented batch by batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
-import collections
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
-from PIL import Image
 
+from ..imaging.decode import InputError, to_rgb_uint8
+from ..imaging.masks import ColourMap, build_palette
+from ..imaging.processor import SegGptImageProcessor, classes_from_painted, painted_query, resize_nearest
 from ..nn.inputs import EMBEDDING_TYPES, ENSEMBLE_MODES
-from ..imaging.processor import (SegGptImageProcessor, build_palette, mask_to_rgb, nearest_palette, open_image,
-                         painted_query, to_label_map, to_rgb_uint8, torch_nearest_index)
+from .prompts import PromptPreparer, is_per_query, normalise_prompts
+
+logger = logging.getLogger(__name__)
+
+#: Rows per forward when none is given. On CPU one query per forward is the fastest per image (ViT-L,
+#: 2-core x86: 0.20 images/s at batch 1 against 0.16 at batch 4; ``python -m benchmarks.benchmark``),
+#: because the forward is compute-bound and a larger batch only adds cache pressure. Accelerators need
+#: large batches to fill their matrix units.
+DEFAULT_BATCH_SIZE = {"cpu": 1}
+ACCELERATOR_BATCH_SIZE = 32
 
 
-@dataclasses.dataclass(frozen=True)
-class Prompt:
-    """One in-context example: an image and its mask (paths, PIL images or arrays)."""
-
-    image: Any
-    mask: Any
+def default_batch_size(backend: str | None = None) -> int:
+    return DEFAULT_BATCH_SIZE.get(backend or jax.default_backend(), ACCELERATOR_BATCH_SIZE)
 
 
 @dataclasses.dataclass
@@ -59,38 +65,23 @@ class SegmentationResult:
         return tuple(self.mask.shape)
 
 
-def _is_image_like(value: Any) -> bool:
-    return isinstance(value, (str, os.PathLike, Image.Image, np.ndarray)) or hasattr(value, "__array__")
+@dataclasses.dataclass(frozen=True)
+class InputFailure:
+    """A query that could not be read (``errors="return"``): its position, its path, and why."""
+
+    index: int
+    source: str | None
+    message: str
 
 
-def _as_prompt(value: Any) -> Prompt | None:
-    if isinstance(value, Prompt):
-        return value
-    if hasattr(value, "prompt_pixel_values") and hasattr(value, "prompt_masks"):  # a learned prompt
-        return value
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_image_like(v) for v in value):
-        return Prompt(*value)
-    return None
-
-
-def normalise_prompts(prompts: Any, num_queries: int) -> list[list[Any]]:
-    """Per-query prompt lists from: one pair, a list of pairs (shared), one list of pairs per query, or a
-    learned prompt (all of its prompts, shared)."""
-    if callable(getattr(prompts, "prompts", None)):  # a LearnedPrompt
-        prompts = prompts.prompts()
-    single = _as_prompt(prompts)
-    if single is not None:
-        return [[single]] * num_queries
-    if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError("prompts must be an (image, mask) pair, a list of pairs, or one list of pairs per query")
-    shared = [_as_prompt(p) for p in prompts]
-    if all(p is not None for p in shared):
-        return [shared] * num_queries
-    if len(prompts) == num_queries and all(isinstance(p, (list, tuple)) for p in prompts):
-        per_query = [normalise_prompts(p, 1)[0] for p in prompts]
-        return per_query
-    raise ValueError(f"cannot read prompts: expected an (image, mask) pair, a list of pairs, or {num_queries} lists "
-                     f"of pairs (one per query); got {type(prompts).__name__} of length {len(prompts)}")
+@dataclasses.dataclass
+class _Query:
+    index: int
+    pixels: np.ndarray  # [3, h, w] model input
+    size: tuple[int, int]  # original (H, W)
+    source: str | None
+    prompts: list[Any]
+    instance: bool
 
 
 class Segmenter:
@@ -98,15 +89,18 @@ class Segmenter:
 
     Args:
         model: a :class:`~seggpt_jax.SegGptForImageSegmentation`.
-        batch_size: rows per forward (query x prompt pairs); default 32 on accelerators, 4 on CPU.
+        batch_size: rows per forward (query x prompt pairs); default :func:`default_batch_size` (1 on
+            CPU, 32 on accelerators).
         ensemble_mode: how several prompts are combined (see the model's ``ensemble_mode``).
         compilation_cache: ``True`` or a folder: keep compiled programs across processes.
+
+    A last, partial batch runs at its own size on CPU (a compile costs less than padded rows there)
+    and is padded to the full batch on accelerators (a padded row costs less than a compile).
     """
 
     def __init__(self, model, *, batch_size: int | None = None, ensemble_mode: str = "transformers",
                  compilation_cache: bool | str | os.PathLike | None = None):
-        if ensemble_mode not in ENSEMBLE_MODES:
-            raise ValueError(f"ensemble_mode must be one of {ENSEMBLE_MODES}, got {ensemble_mode!r}")
+        _check_choice("ensemble_mode", ensemble_mode, ENSEMBLE_MODES)
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                        or batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -116,10 +110,10 @@ class Segmenter:
             enable_compilation_cache(None if compilation_cache is True else compilation_cache)
         self.model = model
         self.processor = SegGptImageProcessor(size=model.config.query_size)
-        self.batch_size = batch_size or (4 if jax.default_backend() == "cpu" else 32)
+        self.batch_size = batch_size or default_batch_size()
+        self.pad_batches = jax.default_backend() != "cpu"
         self.ensemble_mode = ensemble_mode
         self.shapes_run: set[tuple[int, int]] = set()  # (rows, prompts per query) of every forward so far
-        self._prompt_cache: dict[Any, tuple[np.ndarray, np.ndarray]] = {}
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike = "BAAI/seggpt-vit-large", *,
@@ -131,7 +125,6 @@ class Segmenter:
         model = SegGptForImageSegmentation.from_pretrained(name_or_path, **load_kwargs)
         return cls(model, batch_size=batch_size, ensemble_mode=ensemble_mode, compilation_cache=compilation_cache)
 
-    # ------------------------------------------------------------------------------ preparation
     def prepare_query(self, image: Any) -> tuple[np.ndarray, tuple[int, int], str | None]:
         """``([3, h, w] float32, original (H, W), path or None)``."""
         source = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
@@ -139,41 +132,22 @@ class Segmenter:
         pixels = self.processor(images=rgb, return_tensors="np")["pixel_values"][0]
         return pixels, rgb.shape[:2], source
 
-    def prepare_prompt(self, prompt: Any, num_labels: int | None) -> tuple[np.ndarray, np.ndarray]:
-        """``([3, h, w] image, [3, h, w] mask)`` float32, cached per prompt object and mode within a call."""
-        if hasattr(prompt, "prompt_pixel_values"):  # already model inputs (a learned prompt)
-            return np.asarray(prompt.prompt_pixel_values), np.asarray(prompt.prompt_masks)
-        key = (id(prompt.image), id(prompt.mask), num_labels)
-        cached = self._prompt_cache.get(key)
-        if cached is not None and cached[0] is prompt:
-            return cached[1]
-        image_rgb = to_rgb_uint8(prompt.image, what=f"prompt image {_name(prompt.image)}")
-        mask_rgb = prompt_mask_rgb(prompt.mask, num_labels, what=f"prompt mask {_name(prompt.mask)}")
-        if mask_rgb.shape[:2] != image_rgb.shape[:2]:
-            import warnings
-
-            warnings.warn(f"prompt mask {_name(prompt.mask)} is {mask_rgb.shape[1]}x{mask_rgb.shape[0]} but its image "
-                          f"is {image_rgb.shape[1]}x{image_rgb.shape[0]}; both are resized to the model's input size "
-                          f"independently", stacklevel=3)
-        out = self.processor(prompt_images=image_rgb, prompt_masks=mask_rgb, do_convert_rgb=False,
-                             return_tensors="np")
-        arrays = (out["prompt_pixel_values"][0], out["prompt_masks"][0])
-        self._prompt_cache[key] = (prompt, arrays)
-        return arrays
-
     # ------------------------------------------------------------------------------ segmentation
     def segment(self, images: Any, prompts: Any, *, num_labels: int | None = None, binary: bool | None = None,
-                embedding_type: str | Sequence[str] | None = None, return_scores: bool = False,
-                progress: Callable[[int, int], None] | None = None) -> SegmentationResult | list[SegmentationResult]:
+                colour_map: ColourMap | Mapping | str | None = None, embedding_type: str | Sequence[str] | None = None,
+                return_scores: bool = False,
+                progress: Callable[[int, int | None], None] | None = None) -> SegmentationResult | list[SegmentationResult]:
         """Segment one query (returns one result) or a list of queries (returns a list).
 
         Args:
             images: a path, PIL image or array, or a list of them.
             prompts: an ``(image, mask)`` pair or :class:`Prompt`; a list of them (each query gets all,
                 feature-ensembled); or one list per query.
-            num_labels: semantic mode: masks are class-id maps with ids ``0..num_labels`` and the
-                result holds class ids. Without it (or with ``binary=True``) masks are foregrounds
-                (any non-zero pixel) and the result is boolean.
+            num_labels: semantic mode: masks hold class ids ``0..num_labels`` (or palette colours) and
+                the result holds class ids. Without it (or with ``binary=True``) masks are fed with
+                their own levels and the result is a boolean foreground.
+            colour_map: semantic mode: colour -> class id for RGB masks in another palette
+                (``"voc"``, a JSON file, or a mapping; see :class:`~seggpt_jax.imaging.masks.ColourMap`).
             embedding_type: ``"semantic"``/``"instance"`` or one per query; default semantic with
                 ``num_labels``, instance in binary mode.
             return_scores: also return per-class scores (``-squared colour distance``).
@@ -181,165 +155,136 @@ class Segmenter:
         """
         single = not isinstance(images, (list, tuple))
         results = list(self.segment_iter([images] if single else list(images), prompts, num_labels=num_labels,
-                                         binary=binary, embedding_type=embedding_type, return_scores=return_scores,
-                                         progress=progress))
+                                         binary=binary, colour_map=colour_map, embedding_type=embedding_type,
+                                         return_scores=return_scores, progress=progress))
         return results[0] if single else results
 
-    def segment_iter(self, images: Sequence[Any], prompts: Any, *, num_labels: int | None = None,
-                     binary: bool | None = None, embedding_type: Any = None, return_scores: bool = False,
-                     progress: Callable[[int, int], None] | None = None) -> Iterator[SegmentationResult]:
-        """Like :meth:`segment` for a list, yielding results in order as batches finish."""
+    def segment_iter(self, images: Iterable[Any], prompts: Any, *, num_labels: int | None = None,
+                     binary: bool | None = None, colour_map: ColourMap | Mapping | str | None = None,
+                     embedding_type: Any = None, return_scores: bool = False, ensemble_mode: str | None = None,
+                     progress: Callable[[int, int | None], None] | None = None,
+                     errors: str = "raise") -> Iterator[SegmentationResult | InputFailure]:
+        """Like :meth:`segment` for many queries, yielding results in order as batches finish.
+
+        ``images`` may be any iterable (a generator of video frames, say): queries are read one batch
+        at a time. With ``errors="return"`` a query that cannot be read yields an :class:`InputFailure`
+        in its place and the others go on; with ``"raise"`` (default) its error propagates.
+        """
+        _check_choice("errors", errors, ("raise", "return"))
+        ensemble_mode = self.ensemble_mode if ensemble_mode is None else ensemble_mode
+        _check_choice("ensemble_mode", ensemble_mode, ENSEMBLE_MODES)
         binary = num_labels is None if binary is None else bool(binary)
-        labels = 1 if binary else num_labels
-        if callable(getattr(prompts, "check_model", None)):  # a LearnedPrompt must fit this model
-            prompts.check_model(self.model.config)
         if not binary and (num_labels is None or isinstance(num_labels, bool) or not isinstance(num_labels, int)
                            or num_labels < 1):
             raise ValueError(f"semantic mode needs num_labels >= 1, got {num_labels!r}")
-        per_query = normalise_prompts(prompts, len(images))
-        self._prompt_cache = {}  # processed prompts, shared by the queries of this call only
-        types = _embedding_types(embedding_type, len(images), "instance" if binary else "semantic")
-        groups: dict[int, list[int]] = {}
-        for index, query_prompts in enumerate(per_query):
-            groups.setdefault(len(query_prompts), []).append(index)
-        palette = np.asarray(build_palette(labels), dtype=np.float32)
-        done, pending = 0, {}
-        next_index = 0
-        for count, indices in sorted(groups.items()):
-            per_batch = max(1, self.batch_size // count)
-            for start in range(0, len(indices), per_batch):
-                chunk = indices[start:start + per_batch]
-                painted = self._paint([images[i] for i in chunk], [per_query[i] for i in chunk],
-                                      [types[i] for i in chunk], labels, count, per_batch)
-                for i, (pixels, size, source) in zip(chunk, painted):
-                    pending[i] = _finish(pixels, size, source, palette, binary, return_scores)
-                done += len(chunk)
-                if progress is not None:
-                    progress(done, len(images))
-                while next_index in pending:
-                    yield pending.pop(next_index)
-                    next_index += 1
+        if callable(getattr(prompts, "check_model", None)):  # a LearnedPrompt must fit this model
+            prompts.check_model(self.model.config)
+        total = len(images) if isinstance(images, Sequence) else None
+        per_query = normalise_prompts(prompts, total) if is_per_query(prompts) else None
+        shared = normalise_prompts(prompts, None) if per_query is None else None
+        types = _embedding_types(embedding_type, total, "instance" if binary else "semantic")
+        prepare_prompt = PromptPreparer(self.processor, None if binary else num_labels,
+                                        None if binary else colour_map)
+        palette = np.asarray(build_palette(1 if binary else num_labels), dtype=np.float32)
 
-    def _paint(self, queries: list, prompt_lists: list[list], types: list[str], labels: int, count: int,
-               per_batch: int) -> list[tuple[np.ndarray, tuple[int, int], str | None]]:
-        """One forward for up to ``per_batch`` queries with ``count`` prompts each -> painted 448 images."""
-        prepared = [self.prepare_query(q) for q in queries]
+        pending: list[_Query | InputFailure] = []
+        seen = done = 0
+
+        def run() -> Iterator[SegmentationResult | InputFailure]:
+            """Segment the queued queries in one forward; yield them and the failures among them in order."""
+            nonlocal done
+            queries = [item for item in pending if isinstance(item, _Query)]
+            painted = iter(self._paint(queries, prepare_prompt, ensemble_mode, pad=seen > len(queries))
+                           if queries else ())
+            for item in pending:
+                if isinstance(item, InputFailure):
+                    yield item
+                    continue
+                picture = next(painted)  # [3, h, w] in [0, 255]
+                classes, scores = classes_from_painted(picture, palette, item.size, return_scores=return_scores)
+                yield SegmentationResult(mask=classes == 1 if binary else classes,
+                                         painted=resize_nearest(picture, item.size).astype(np.uint8).transpose(1, 2, 0),
+                                         scores=scores, source=item.source)
+            done += len(pending)
+            pending.clear()
+            if progress is not None:
+                progress(done, total)
+
+        for index, image in enumerate(images):
+            query_prompts = shared if per_query is None else per_query[index]
+            try:
+                pixels, size, source = self.prepare_query(image)
+            except (InputError, OSError) as e:
+                if errors == "raise":
+                    raise
+                source = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
+                pending.append(InputFailure(index, source, str(e)))
+                continue
+            query = _Query(index, pixels, size, source, query_prompts, types(index) == "instance")
+            queued = [item for item in pending if isinstance(item, _Query)]
+            per_batch = max(1, self.batch_size // len(query_prompts))
+            if queued and (len(queued[0].prompts) != len(query_prompts) or len(queued) >= per_batch):
+                yield from run()
+            pending.append(query)
+            seen += 1
+        if pending:
+            yield from run()
+
+    def _paint(self, queries: list[_Query], prepare_prompt: PromptPreparer, ensemble_mode: str,
+               pad: bool) -> list[np.ndarray]:
+        """One forward for queries sharing a prompt count -> each query's painted ``[3, h, w]`` in ``[0, 255]``."""
+        count = len(queries[0].prompts)
         rows_q, rows_pi, rows_pm, rows_type = [], [], [], []
-        for (pixels, _, _), prompt_list, kind in zip(prepared, prompt_lists, types):
-            for prompt in prompt_list:
-                image, mask = self.prepare_prompt(prompt, labels)
-                rows_q.append(pixels)
+        for query in queries:
+            for prompt in query.prompts:
+                image, mask = prepare_prompt(prompt)
+                rows_q.append(query.pixels)
                 rows_pi.append(image)
                 rows_pm.append(mask)
-                rows_type.append(kind == "instance")
+                rows_type.append(query.instance)
         real = len(rows_q)
-        target = real if len(queries) == 1 else per_batch * count  # pad to one of two sizes
-        for name_rows in (rows_q, rows_pi, rows_pm, rows_type):
-            name_rows.extend(name_rows[real - count:real] * ((target - real) // count))
-        self.shapes_run.add((target, count))
+        target = max(1, self.batch_size // count) * count if pad and self.pad_batches else real
+        for rows in (rows_q, rows_pi, rows_pm, rows_type):
+            rows.extend(rows[real - count:real] * ((target - real) // count))
+        if (target, count) not in self.shapes_run:
+            logger.info("compiling the forward for %d rows (%d prompt%s per query); the first batch of a shape "
+                        "waits for it", target, count, "s" if count > 1 else "")
+            self.shapes_run.add((target, count))
         out = self.model(np.stack(rows_q), np.stack(rows_pi), np.stack(rows_pm), feature_ensemble=count > 1,
-                         embedding_type=np.asarray(rows_type), ensemble_mode=self.ensemble_mode,
-                         prompts_per_query=count)
+                         embedding_type=np.asarray(rows_type), ensemble_mode=ensemble_mode, prompts_per_query=count)
         painted = painted_query(out, self.processor.image_mean, self.processor.image_std)  # [rows, 3, h, w]
-        return [(painted[i * count], size, source) for i, (_, size, source) in enumerate(prepared)]
-
+        return [painted[i * count] for i in range(len(queries))]
 
     # ------------------------------------------------------------------------------ video
     def segment_video(self, frames: Iterable[Any], prompt: Any, *, context_frames: int = 0,
                       ensemble_mode: str = "original", embedding_type: str = "instance",
-                      progress: Callable[[int], None] | None = None) -> Iterator[SegmentationResult]:
+                      progress: Callable[[int, int | None], None] | None = None,
+                      errors: str = "raise") -> Iterator[SegmentationResult | InputFailure]:
         """The SegGPT video procedure (``seggpt_engine.inference_video``), one binary result per frame.
 
-        Each frame is segmented with the first prompt plus the last ``context_frames`` frames and their
-        binarised predictions (painted mean > 128) as extra prompts, feature-ensembled (the BAAI
-        ensemble by default, as its code does). The first ``context_frames`` frames have fewer prompts,
-        so ``context_frames + 1`` programs are compiled.
+        See :func:`seggpt_jax.inference.video.segment_video`; frames are read and yielded one at a
+        time, so memory does not grow with the clip.
         """
-        if isinstance(context_frames, bool) or not isinstance(context_frames, int) or context_frames < 0:
-            raise ValueError(f"context_frames must be a non-negative integer, got {context_frames!r}")
-        if ensemble_mode not in ENSEMBLE_MODES or embedding_type not in EMBEDDING_TYPES:
-            raise ValueError(f"ensemble_mode must be one of {ENSEMBLE_MODES} and embedding_type one of "
-                             f"{EMBEDDING_TYPES}")
-        first = _as_prompt(prompt)
-        if first is None:
-            raise ValueError("prompt must be an (image, mask) pair or a Prompt")
-        first_image, first_mask = self.prepare_prompt(first, 1)
-        context: collections.deque = collections.deque(maxlen=context_frames or None)
-        palette = np.asarray(build_palette(1), dtype=np.float32)
-        for index, frame in enumerate(frames):
-            pixels, size, source = self.prepare_query(frame)
-            images = [first_image] + [c[0] for c in context]
-            masks = [first_mask] + [c[1] for c in context]
-            count = len(images)
-            self.shapes_run.add((count, count))
-            out = self.model(np.stack([pixels] * count), np.stack(images), np.stack(masks),
-                             feature_ensemble=count > 1, ensemble_mode=ensemble_mode, embedding_type=embedding_type)
-            painted = painted_query(out, self.processor.image_mean, self.processor.image_std)[0]
-            if context_frames:
-                foreground = painted.mean(axis=0) > 128
-                mask_rgb = np.repeat((foreground.astype(np.uint8) * 255)[..., None], 3, axis=-1)
-                mask = self.processor(prompt_masks=mask_rgb, do_convert_rgb=False, return_tensors="np")["prompt_masks"]
-                context.append((pixels, mask[0]))
-            yield _finish(painted, size, source, palette, True, False)
-            if progress is not None:
-                progress(index + 1)
+        from .video import segment_video
+
+        return segment_video(self, frames, prompt, context_frames=context_frames, ensemble_mode=ensemble_mode,
+                             embedding_type=embedding_type, progress=progress, errors=errors)
 
 
-def _name(value: Any) -> str:
-    return os.fspath(value) if isinstance(value, (str, os.PathLike)) else f"({type(value).__name__})"
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
-def prompt_mask_rgb(mask: Any, num_labels: int, *, what: str) -> np.ndarray:
-    """A prompt mask as the RGB picture the model sees: palette colours of its class ids.
-
-    ``num_labels=1`` (binary mode) reads any non-zero pixel (in any channel) as foreground."""
-    if num_labels == 1:
-        if isinstance(mask, (str, os.PathLike)):
-            mask = open_image(mask)
-        if isinstance(mask, Image.Image):
-            array = np.asarray(mask.convert("L") if mask.mode in ("LA", "PA") else mask)  # P: palette indices
-        else:
-            array = np.asarray(mask)
-        if array.ndim == 3:
-            colour = array[..., :3] if array.shape[-1] in (3, 4) else array[:3].transpose(1, 2, 0)
-            foreground = np.any(colour != 0, axis=-1)
-        elif array.ndim == 2:
-            foreground = array != 0
-        else:
-            raise ValueError(f"{what} must be a 2-D mask or an RGB image, got shape {array.shape}")
-        return mask_to_rgb(foreground.astype(np.int64), 1, what=what)
-    labels = to_label_map(mask, what=what)
-    if labels is None:  # an RGB colour mask: already in palette colours
-        return to_rgb_uint8(mask, what=what)
-    return mask_to_rgb(labels, num_labels, what=what)
-
-
-def _embedding_types(embedding_type: Any, count: int, default: str) -> list[str]:
+def _embedding_types(embedding_type: Any, count: int | None, default: str) -> Callable[[int], str]:
+    """Per-query embedding type lookup from one name or one name per query."""
     if embedding_type is None:
-        return [default] * count
+        embedding_type = default
     if isinstance(embedding_type, str):
-        embedding_type = [embedding_type] * count
+        _check_choice("embedding_type", embedding_type, EMBEDDING_TYPES)
+        return lambda index: embedding_type
     types = list(embedding_type)
-    if len(types) != count or any(t not in EMBEDDING_TYPES for t in types):
+    if (count is not None and len(types) != count) or any(t not in EMBEDDING_TYPES for t in types):
         raise ValueError(f"embedding_type must be 'instance', 'semantic', or one of them per query ({count}); "
                          f"got {embedding_type!r}")
-    return types
-
-
-def _finish(painted: np.ndarray, size: tuple[int, int], source: str | None, palette: np.ndarray, binary: bool,
-            return_scores: bool) -> SegmentationResult:
-    """Class ids at the model's resolution, then torch-``nearest`` to the query's size (the same as
-    transformers' post-processing, which resizes first: nearest selection commutes with the argmin)."""
-    classes, scores = nearest_palette(painted, palette)
-    rows = torch_nearest_index(painted.shape[1], size[0])
-    cols = torch_nearest_index(painted.shape[2], size[1])
-    classes = classes[rows][:, cols]
-    picture = np.clip(painted, 0, 255).astype(np.uint8).transpose(1, 2, 0)[rows][:, cols]
-    return SegmentationResult(
-        mask=classes == 1 if binary else classes,
-        painted=picture,
-        scores=scores[:, rows][:, :, cols].astype(np.float32) if return_scores else None,
-        source=source,
-    )
-
-
+    return types.__getitem__

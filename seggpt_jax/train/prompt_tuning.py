@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ..data import Augment, Prefetcher, _Dataset, resize_valid
+from ..data import Augment, Dataset, Prefetcher, resize_valid
 from ..nn.models import painter_loss_terms
 from ..imaging.processor import SegGptImageProcessor
 
@@ -133,14 +133,14 @@ class PromptTuningConfig:
 class QueryBatches:
     """``batches(step)`` -> (query pixels, query masks painted, valid) for prompt tuning; seeded by step."""
 
-    def __init__(self, dataset: _Dataset, query_size: tuple[int, int], *, batch_size: int, seed: int,
+    def __init__(self, dataset: Dataset, query_size: tuple[int, int], *, batch_size: int, seed: int,
                  augment: Augment | None = Augment(scale=(0.6, 1.0), jitter=0.1)):
         self.dataset, self.batch_size, self.seed, self.augment = dataset, batch_size, seed, augment
         self.processor = SegGptImageProcessor(size=query_size)
 
-    def painted(self, image: np.ndarray, labels: np.ndarray):
+    def model_inputs(self, image: np.ndarray, labels: np.ndarray):
         """(query pixels, painted mask, valid ``[1, h, w]``) at the model's input size."""
-        mask, valid = self.dataset.painted(labels)
+        mask, valid = self.dataset.mask_picture(labels)
         out = self.processor(images=image, prompt_masks=mask, do_convert_rgb=False, return_tensors="np")
         valid = resize_valid(self.processor, [valid])[0].astype(np.float32)
         return out["pixel_values"][0], out["prompt_masks"][0], valid
@@ -152,12 +152,12 @@ class QueryBatches:
             image, labels = self.dataset.load(self.dataset[int(index)])
             if self.augment is not None:
                 image, labels = self.augment(image, labels, rng)
-            rows.append(self.painted(image, labels))
+            rows.append(self.model_inputs(image, labels))
         return {"pixel_values": np.stack([r[0] for r in rows]), "labels": np.stack([r[1] for r in rows]),
                 "valid": np.stack([r[2] for r in rows])}
 
 
-def initial_prompt(dataset: _Dataset, model_config, config: PromptTuningConfig) -> LearnedPrompt:
+def initial_prompt(dataset: Dataset, model_config, config: PromptTuningConfig) -> LearnedPrompt:
     size = model_config.query_size
     if config.init == "noise":
         rng = np.random.default_rng(config.seed)
@@ -170,7 +170,7 @@ def initial_prompt(dataset: _Dataset, model_config, config: PromptTuningConfig) 
     images, masks = [], []
     for index in range(config.num_prompts):
         image, labels = dataset.load(dataset[index])
-        pixels, mask, _ = batches.painted(image, labels)
+        pixels, mask, _ = batches.model_inputs(image, labels)
         images.append(pixels)
         masks.append(mask)
     return LearnedPrompt(np.stack(images), np.stack(masks), {"init": "examples",
@@ -194,7 +194,7 @@ def prompt_loss(model, prompt: dict, batch: dict, *, instance: bool) -> jax.Arra
     return total / pixels
 
 
-def tune_prompt(model, dataset: _Dataset, config: PromptTuningConfig = PromptTuningConfig(), *,
+def tune_prompt(model, dataset: Dataset, config: PromptTuningConfig = PromptTuningConfig(), *,
                 start: LearnedPrompt | None = None, log: Callable[[dict], None] | None = None,
                 checkpoint: str | None = None, start_step: int = 0,
                 opt_state: Any = None) -> LearnedPrompt:
@@ -252,7 +252,7 @@ def _save_state(path: str, params, opt_state, meta: dict, config: PromptTuningCo
     atomic_save(path + ".state.safetensors", lambda tmp: save_file(tensors, tmp, metadata=header))
 
 
-def resume_prompt_tuning(model, dataset: _Dataset, checkpoint: str, config: PromptTuningConfig | None = None,
+def resume_prompt_tuning(model, dataset: Dataset, checkpoint: str, config: PromptTuningConfig | None = None,
                          **kwargs: Any) -> LearnedPrompt:
     """Continue :func:`tune_prompt` from its checkpoint file; ends where an uninterrupted run would."""
     from safetensors.numpy import load_file

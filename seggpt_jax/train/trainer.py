@@ -30,7 +30,7 @@ import optax
 from flax import nnx
 
 from ..config import SegGptConfig
-from ..data import Augment, Prefetcher, _Dataset, resize_valid
+from ..data import Augment, Dataset, Prefetcher, resize_valid
 from ..nn.models import painter_loss_terms
 from ..imaging.processor import SegGptImageProcessor
 
@@ -167,7 +167,7 @@ class EpisodeBatches:
     masks (binary: white foreground; class ids: the SegGPT palette) and draws the patch mask.
     """
 
-    def __init__(self, dataset: _Dataset, model_config: SegGptConfig, *, batch_size: int = 8, seed: int = 0,
+    def __init__(self, dataset: Dataset, model_config: SegGptConfig, *, batch_size: int = 8, seed: int = 0,
                  augment: Augment | None = Augment(), mask_ratio: float = 0.75, half_mask_prob: float = 0.0,
                  embedding_type: str | None = None):
         self.dataset, self.config = dataset, model_config
@@ -190,7 +190,7 @@ class EpisodeBatches:
                 image, labels = self.dataset.load(self.dataset[int(index)])
                 if self.augment is not None:
                     image, labels = self.augment(image, labels, rng)
-                mask_rgb, valid = self.dataset.painted(labels)
+                mask_rgb, valid = self.dataset.mask_picture(labels)
                 pair.append((image, mask_rgb, valid))
             (p_image, p_mask, p_valid), (q_image, q_mask, q_valid) = pair
             out = self.processor(images=q_image, prompt_images=p_image, prompt_masks=[p_mask, q_mask],

@@ -1,0 +1,222 @@
+"""What every ``seggpt-jax`` command shares: option groups, validation, model loading, progress."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+DEFAULT_MODEL = "BAAI/seggpt-vit-large"
+
+
+class UserError(Exception):
+    """A problem with what the user asked for; printed as one line, exit status 1."""
+
+
+# ------------------------------------------------------------------------------------ argument types
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default (when it has one)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if action.default in (None, False, [], argparse.SUPPRESS) or "%(default)" in help_text or \
+                "default" in help_text:
+            return help_text
+        return help_text + " (default: %(default)s)"
+
+
+# ------------------------------------------------------------------------------------ option groups
+def add_hub_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("where the checkpoint comes from")
+    group.add_argument("--revision", help="Hub revision (branch, tag or commit) when the model is a repo id")
+    group.add_argument("--cache-dir", metavar="DIR", help="Hugging Face cache folder (default: huggingface_hub's own)")
+    group.add_argument("--local-files-only", action="store_true",
+                       help="never touch the network; use local files and the Hugging Face cache only")
+    group.add_argument("--config", metavar="CONFIG_JSON",
+                       help="config.json for a weight file that carries none (default for those: the ViT-L config)")
+    group.add_argument("--checkpoint-layout", choices=["transformers", "original", "seggpt-jax"],
+                       help="read the weights in this layout instead of detecting it from the key names")
+
+
+def add_model_options(parser: argparse.ArgumentParser, *, inference: bool = True) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="Hub repo id, local folder or weight file (anything from_pretrained accepts)")
+    add_hub_options(parser)
+    if inference:
+        group = parser.add_argument_group("how the model runs")
+        group.add_argument("--batch-size", type=positive_int, default=None,
+                           help="rows per forward (query x prompt pairs); default: the fastest per image for the "
+                                "device (1 on CPU, 32 on accelerators)")
+        group.add_argument("--compilation-cache", nargs="?", const=True, default=None, metavar="DIR",
+                           help="keep compiled programs across runs, in DIR (default folder with no DIR: "
+                                "~/.cache/seggpt_jax/xla, or $SEGGPT_JAX_CACHE)")
+
+
+def add_prompt_options(parser: argparse.ArgumentParser, *, learned: bool = True) -> None:
+    group = parser.add_argument_group("prompts (in-context examples)")
+    group.add_argument("--prompt-image", action="append", default=[], metavar="IMAGE",
+                       help="an example image; repeat, each with its --prompt-mask, for several prompts (ensembled)")
+    group.add_argument("--prompt-mask", action="append", default=[], metavar="MASK",
+                       help="the mask of the --prompt-image at the same position")
+    if learned:
+        group.add_argument("--learned-prompt", metavar="FILE",
+                           help="a prompt learned with `seggpt-jax tune-prompt`, instead of --prompt-image/--prompt-mask")
+
+
+def add_mask_options(parser: argparse.ArgumentParser, *, max_labels: int | None = None) -> None:
+    group = parser.add_argument_group("what the masks hold")
+    limit = f" (at most {max_labels}: output masks are palette PNGs)" if max_labels else ""
+    group.add_argument("--num-labels", type=positive_int, default=None, metavar="N",
+                       help=f"semantic mode: masks hold class ids 0..N (0 = background) or palette colours{limit}; "
+                            "default: binary masks")
+    group.add_argument("--colour-map", metavar="SPEC",
+                       help="semantic mode: which class each colour of an RGB mask is: 'voc' (PASCAL VOC colours) or "
+                            "a JSON file {\"R,G,B\": class_id, ...}")
+
+
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data", metavar="DATA", help="dataset folder")
+    group = parser.add_argument_group("dataset")
+    group.add_argument("--data-layout", choices=["folder", "fss1000"], default=None,
+                       help="folder: DATA/images/NAME.jpg + DATA/masks/NAME.png; fss1000: one folder per class "
+                            "(default: fss1000 with --protocol fss1000, else folder)")
+    add_mask_options(parser)
+    group.add_argument("--ignore-index", type=int, default=None,
+                       help="mask value the loss and metrics skip (default: 255 with --num-labels, none for binary)")
+
+
+def add_overwrite_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace outputs an earlier seggpt-jax run wrote (files anyone else wrote, or changed "
+                             "since, are never replaced)")
+
+
+# ------------------------------------------------------------------------------------ validation
+def check_output_folder(path: str, option: str = "--out-dir") -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{option} {path} exists and is not a folder")
+
+
+def check_output_file(path: str, option: str = "--output") -> None:
+    if os.path.isdir(path):
+        raise UserError(f"{option} {path} is a folder; give a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise UserError(f"{option} {path}: {parent} is not a folder")
+
+
+def check_compilation_cache(args: argparse.Namespace) -> None:
+    cache = getattr(args, "compilation_cache", None)
+    if isinstance(cache, str):
+        if os.path.exists(cache) and not os.path.isdir(cache):
+            raise UserError(f"--compilation-cache {cache} exists and is not a folder")
+
+
+def colour_map(args: argparse.Namespace):
+    """The parsed ``--colour-map`` (checked before anything loads), or None."""
+    spec = getattr(args, "colour_map", None)
+    if spec is None:
+        return None
+    if getattr(args, "num_labels", None) is None:
+        raise UserError("--colour-map maps colours to class ids: it needs --num-labels")
+    from ..imaging.masks import ColourMap
+
+    try:
+        return ColourMap.parse(spec)
+    except ValueError as e:
+        raise UserError(f"--colour-map: {e}") from None
+
+
+# ------------------------------------------------------------------------------------ model loading
+def load_model(args: argparse.Namespace, source: str | None = None, **kwargs: Any):
+    """The painter from ``--model`` (or ``source``) with the shared Hub and layout options."""
+    from ..config import SegGptConfig
+    from ..nn.models import SegGptForImageSegmentation
+
+    name = source or args.model
+    config = SegGptConfig.from_json_file(args.config) if getattr(args, "config", None) else None
+    status(f"loading {name} ...")
+    start = time.perf_counter()
+    model = SegGptForImageSegmentation.from_pretrained(
+        name, revision=args.revision, cache_dir=args.cache_dir, local_files_only=args.local_files_only,
+        config=config, layout=getattr(args, "checkpoint_layout", None), **kwargs)
+    status(f"loaded {name} in {time.perf_counter() - start:.1f}s")
+    return model
+
+
+def make_segmenter(args: argparse.Namespace, model=None):
+    from ..inference.segmenter import Segmenter
+
+    model = model if model is not None else load_model(args)
+    return Segmenter(model, batch_size=getattr(args, "batch_size", None), compilation_cache=args.compilation_cache,
+                     ensemble_mode=getattr(args, "ensemble_mode", "transformers"))
+
+
+# ------------------------------------------------------------------------------------ output
+def status(text: str) -> None:
+    """One progress line on stderr (through tqdm, so that it does not break a progress bar)."""
+    from tqdm import tqdm
+
+    tqdm.write(f"seggpt-jax: {text}", file=sys.stderr)
+
+
+class _TqdmHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        status(record.getMessage())
+
+
+def route_messages() -> None:
+    """Library log messages (INFO: loading, compiling) and warnings as one line each on stderr."""
+    import warnings
+
+    logger = logging.getLogger("seggpt_jax")
+    if not any(isinstance(h, _TqdmHandler) for h in logger.handlers):
+        logger.addHandler(_TqdmHandler())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    warnings.showwarning = lambda message, category, *rest, **kw: status(f"warning: {message}")
+
+
+def progress_bar(total: int | None, unit: str, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=f" {unit}", desc=desc, file=sys.stderr, dynamic_ncols=True, smoothing=0.1,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]"
+                if total else None)
+
+
+def plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"

@@ -1,0 +1,321 @@
+"""What a mask means: the one rule for prompt masks, dataset masks, and the class palette.
+
+SegGPT sees a mask as an RGB picture. Every reader of masks in seggpt-jax (the processor, the
+:class:`~seggpt_jax.Segmenter`, the datasets, the command line) goes through this module.
+
+**Binary mode** (no ``num_labels``): a prompt mask is fed with its own levels, as the BAAI code
+(``Image.open(mask).convert("RGB")``) and transformers' processor with ``do_convert_rgb=False`` do:
+RGB as given (anti-aliased grey edges included), greyscale repeated, palette images through their
+palette, 16-bit scaled to 8 bits. Masks that hold only 0 and 1 (bool arrays, 0/1 label PNGs) are
+scaled to 0/255; fed as they are they would be black. See :func:`binary_picture`.
+
+**Semantic mode** (``num_labels=N``): a mask holds class ids ``0..N`` (0 = background) and is painted
+with the SegGPT palette (:func:`build_palette`). Accepted (see :func:`class_ids`):
+
+* class-id maps: one channel (``L``, 16-bit, integer arrays), palette PNGs (the index is the class,
+  as PASCAL VOC ships them), or grey RGB with ``R = G = B``;
+* RGB masks whose colours are all in the model's palette;
+* any other colours only through an explicit :class:`ColourMap` (``colour_map=`` in the API,
+  ``--colour-map`` on the command line; ``"voc"`` is the PASCAL VOC colour table). Unknown colours
+  are an error naming the first of them, never a silent guess.
+
+**Foreground** of a binary mask as a target (datasets, metrics; :func:`foreground`): pixels at least
+half as bright as the mask's brightest pixel (brightness = the largest channel). So 0/1, 0/255,
+16-bit, anti-aliased and coloured masks all read as the shape they draw.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .decode import InputError, describe, open_image, to_numpy, to_rgb_uint8
+
+Colour = tuple[int, int, int]
+
+#: PIL modes whose pixels are colours (everything else is one channel of levels or indices).
+_COLOUR_MODES = ("RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+_MAX_LISTED = 5
+
+
+class LabelError(InputError):
+    """Class ids outside ``0..num_labels``; ``found`` lists the first of them."""
+
+    def __init__(self, message: str, found: list[int]):
+        super().__init__(message)
+        self.found = found
+
+
+def build_palette(num_labels: int) -> list[Colour]:
+    """Colour of each class id (0 = background, black), as transformers' ``build_palette`` and the
+    Painter code (``int(n ** (1/3)) + 1`` levels per channel; the float cube root matters for n=64)."""
+    if isinstance(num_labels, bool) or not isinstance(num_labels, (int, np.integer)) or num_labels < 0:
+        raise ValueError(f"num_labels must be a non-negative integer, got {num_labels!r}")
+    num_labels = int(num_labels)
+    base = int(num_labels ** (1 / 3)) + 1
+    margin = 256 // base
+    colours = [(0, 0, 0)]
+    for location in range(num_labels):
+        colours.append((255 - (location // base ** 2) * margin, 255 - ((location % base ** 2) // base) * margin,
+                        255 - (location % base) * margin))
+    return colours
+
+
+def labels_to_rgb(labels: np.ndarray, num_labels: int | None, *, what: str = "mask") -> np.ndarray:
+    """``[H, W]`` class ids -> ``[H, W, 3]`` uint8: palette colours, or (without ``num_labels``) the id
+    repeated as a grey level, as transformers' ``mask_to_rgb``."""
+    if num_labels is None:
+        _check_grey_levels(labels, what)
+        return np.repeat(labels.astype(np.uint8)[..., None], 3, axis=-1)
+    check_class_ids(labels, num_labels, what=what)
+    return np.asarray(build_palette(num_labels), dtype=np.uint8)[labels]
+
+
+def check_class_ids(labels: np.ndarray, num_labels: int, *, what: str, ignore_index: int | None = None) -> None:
+    """Raise if any id (other than ``ignore_index``) is outside ``0..num_labels``."""
+    values = labels[labels != ignore_index] if ignore_index is not None else labels
+    if not values.size:
+        return
+    if values.min() < 0:
+        raise InputError(f"{what} has negative labels (min {values.min()})")
+    if values.max() > num_labels:
+        found = [int(v) for v in np.unique(values[values > num_labels])[:_MAX_LISTED]]
+        hint = (" (255 is PASCAL VOC's 'void' border: map it to background first, or read the colours with "
+                "colour_map='voc')" if 255 in found else "")
+        raise LabelError(f"{what} has labels {found} above num_labels={num_labels} (class ids must be "
+                         f"0..{num_labels}, 0 = background){hint}", found)
+
+
+def _check_grey_levels(labels: np.ndarray, what: str) -> None:
+    if labels.size and labels.min() < 0:
+        raise InputError(f"{what} has negative labels (min {labels.min()})")
+    if labels.size and labels.max() > 255:
+        raise InputError(f"{what} has labels up to {labels.max()}; without num_labels they are used as grey levels "
+                         f"and must be <= 255 (pass num_labels to use the class palette)")
+
+
+# ------------------------------------------------------------------------------------ colour maps
+def voc_colours(count: int = 256) -> list[Colour]:
+    """The PASCAL VOC colour table: class ``i`` gets the bits of ``i`` spread over R, G, B from the top bit."""
+    colours = []
+    for index in range(count):
+        r = g = b = 0
+        value = index
+        for shift in range(7, -1, -1):
+            r |= ((value >> 0) & 1) << shift
+            g |= ((value >> 1) & 1) << shift
+            b |= ((value >> 2) & 1) << shift
+            value >>= 3
+        colours.append((r, g, b))
+    return colours
+
+
+_COLOUR_TEXT = re.compile(r"^\s*(?:#(?P<hex>[0-9a-fA-F]{6})|\(?\s*(?P<r>\d+)\s*,\s*(?P<g>\d+)\s*,\s*(?P<b>\d+)\s*\)?)\s*$")
+
+
+def parse_colour(value: Any) -> Colour:
+    """``(r, g, b)``, ``"r,g,b"`` or ``"#rrggbb"`` -> a colour tuple."""
+    if isinstance(value, str):
+        match = _COLOUR_TEXT.match(value)
+        if not match:
+            raise ValueError(f"cannot read colour {value!r}; write it as 'R,G,B' or '#RRGGBB'")
+        if match["hex"]:
+            value = tuple(int(match["hex"][i:i + 2], 16) for i in (0, 2, 4))
+        else:
+            value = (int(match["r"]), int(match["g"]), int(match["b"]))
+    try:
+        colour = tuple(int(c) for c in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"a colour is three integers 0..255, got {value!r}") from None
+    if len(colour) != 3 or not all(0 <= c <= 255 for c in colour):
+        raise ValueError(f"a colour is three integers 0..255, got {value!r}")
+    return colour  # type: ignore[return-value]
+
+
+class ColourMap:
+    """An explicit colour -> class id mapping for RGB masks in another palette (e.g. PASCAL VOC).
+
+    Build it from a mapping (``{(192, 128, 128): 1, "#800000": 2}``), or with :meth:`parse` from
+    ``"voc"`` (the PASCAL VOC colour table: the colour of VOC class ``i`` is class ``i``, the void
+    border colour (224, 224, 192) is background) or a JSON file ``{"R,G,B": id, ...}``.
+    """
+
+    def __init__(self, colours: Mapping[Any, int], *, name: str = "the colour map"):
+        table: dict[Colour, int] = {}
+        for key, label in colours.items():
+            if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or label < 0:
+                raise ValueError(f"{name}: class id for colour {key!r} must be a non-negative integer, got {label!r}")
+            table[parse_colour(key)] = int(label)
+        if not table:
+            raise ValueError(f"{name} is empty")
+        self.colours, self.name = table, name
+
+    @classmethod
+    def parse(cls, spec: "ColourMap | Mapping | str | os.PathLike") -> "ColourMap":
+        if isinstance(spec, ColourMap):
+            return spec
+        if isinstance(spec, Mapping):
+            return cls(spec)
+        text = os.fspath(spec)
+        if text.lower() == "voc":
+            table = {colour: index for index, colour in enumerate(voc_colours(21))}
+            table[(224, 224, 192)] = 0  # the void border
+            return cls(table, name="the PASCAL VOC colour table")
+        if not os.path.isfile(text):
+            raise ValueError(f"colour map {text!r} is neither 'voc' nor a JSON file")
+        try:
+            with open(text, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read colour map {text}: {e}") from None
+        if not isinstance(data, Mapping):
+            raise ValueError(f"colour map {text} must be a JSON object {{\"R,G,B\": class id, ...}}")
+        return cls(data, name=f"colour map {text}")
+
+    def lookup(self, rgb: np.ndarray, *, what: str) -> np.ndarray:
+        """``[H, W, 3]`` uint8 -> ``[H, W]`` int64 ids; unknown colours raise, naming them."""
+        packed, inverse = _unique_colours(rgb)
+        known = np.array([self.colours.get(_unpack(p), -1) for p in packed], dtype=np.int64)
+        if np.any(known < 0):
+            unknown = packed[known < 0]
+            counts = np.bincount(inverse.ravel(), minlength=len(packed))[known < 0]
+            raise InputError(f"{what} has colours that {self.name} does not list: {_list_colours(unknown, counts)}")
+        return known[inverse]
+
+
+def _unique_colours(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    packed = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2].astype(np.int32)
+    values, inverse = np.unique(packed, return_inverse=True)
+    return values, inverse.reshape(packed.shape)
+
+
+def _unpack(packed: int) -> Colour:
+    packed = int(packed)
+    return (packed >> 16) & 255, (packed >> 8) & 255, packed & 255
+
+
+def _list_colours(packed: np.ndarray, counts: np.ndarray) -> str:
+    order = np.argsort(-counts, kind="stable")[:_MAX_LISTED]
+    shown = ", ".join(f"{_unpack(packed[i])} ({counts[i]} px)" for i in order)
+    more = f" and {len(packed) - len(order)} more" if len(packed) > len(order) else ""
+    return shown + more
+
+
+# ------------------------------------------------------------------------------------ reading
+def _mask_name(mask: Any, what: str) -> str:
+    """``what`` plus the mask's path or kind and shape (once)."""
+    described = describe(mask)
+    return what if described in what else f"{what} ({described})"
+
+
+def _open(mask: Any) -> Any:
+    return open_image(mask) if isinstance(mask, (str, os.PathLike)) else mask
+
+
+def binary_picture(mask: Any, *, what: str = "prompt mask") -> np.ndarray:
+    """The prompt picture in binary mode: the mask's own levels as ``[H, W, 3]`` uint8 (see module doc)."""
+    mask = _open(mask)
+    if not isinstance(mask, Image.Image):
+        array = to_numpy(mask)
+        if np.issubdtype(array.dtype, np.signedinteger) or array.dtype in (np.uint32, np.uint64):
+            _check_grey_levels(array, _mask_name(mask, what))  # label values, not 16-bit data (that is uint16)
+    rgb = to_rgb_uint8(mask, what=what)  # errors name the file, or the array's kind and shape
+    if rgb.size and rgb.max() == 1:  # a 0/1 mask: black as it is
+        rgb = rgb * np.uint8(255)
+    return rgb
+
+
+def class_ids(mask: Any, num_labels: int, *, colour_map: ColourMap | Mapping | str | None = None,
+              ignore_index: int | None = None, what: str = "prompt mask") -> np.ndarray:
+    """A semantic mask -> ``[H, W]`` int64 class ids ``0..num_labels`` (see module doc).
+
+    ``ignore_index`` (datasets) is let through the range check: it marks pixels to skip.
+    """
+    name = _mask_name(mask, what)
+    mask = _open(mask)
+    colour_map = ColourMap.parse(colour_map) if colour_map is not None else None
+    if isinstance(mask, Image.Image):
+        if colour_map is not None or mask.mode in _COLOUR_MODES:
+            ids = _ids_from_colours(np.asarray(mask.convert("RGB")), num_labels, colour_map, name)
+        elif mask.mode in ("P", "PA"):
+            ids = np.asarray(mask.convert("P") if mask.mode == "PA" else mask).astype(np.int64)  # indices
+        elif mask.mode == "LA":
+            ids = np.asarray(mask.getchannel(0)).astype(np.int64)
+        else:  # L, 1, I;16, I, F
+            ids = _integer_ids(np.asarray(mask), name)
+    else:
+        array = to_numpy(mask)
+        if array.ndim == 3 and array.shape[-1] == 1:  # [H, W, 1]
+            array = array[..., 0]
+        elif array.ndim == 3 and array.shape[0] == 1:  # [1, H, W]
+            array = array[0]
+        if array.ndim == 2:
+            ids = _integer_ids(array, name)
+        elif array.ndim == 3:
+            ids = _ids_from_colours(to_rgb_uint8(array, what=what), num_labels, colour_map, name)
+        else:
+            raise InputError(f"{name} must be a 2-D class-id map or an RGB mask, got shape {array.shape}")
+    check_class_ids(ids, num_labels, what=name, ignore_index=ignore_index)
+    return ids
+
+
+def _integer_ids(array: np.ndarray, name: str) -> np.ndarray:
+    if array.dtype == bool:
+        return array.astype(np.int64)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
+            raise InputError(f"{name} has non-integer values; a class-id map holds class ids 0..num_labels")
+    elif not np.issubdtype(array.dtype, np.integer):
+        raise InputError(f"{name} has unsupported dtype {array.dtype}")
+    return array.astype(np.int64)
+
+
+def _ids_from_colours(rgb: np.ndarray, num_labels: int, colour_map: ColourMap | None, name: str) -> np.ndarray:
+    if colour_map is not None:
+        return colour_map.lookup(rgb, what=name)
+    palette = {colour: index for index, colour in enumerate(build_palette(num_labels))}
+    packed, inverse = _unique_colours(rgb)
+    colours = [_unpack(p) for p in packed]
+    if all(c in palette for c in colours):
+        return np.array([palette[c] for c in colours], dtype=np.int64)[inverse]
+    if all(c[0] == c[1] == c[2] for c in colours):  # a class-id map saved as grey RGB
+        return rgb[..., 0].astype(np.int64)
+    unknown = np.array([not (c in palette or c[0] == c[1] == c[2]) for c in colours])
+    counts = np.bincount(inverse.ravel(), minlength=len(packed))
+    raise InputError(
+        f"{name} has colours that are neither class ids (grey, R=G=B) nor in the {num_labels}-label palette: "
+        f"{_list_colours(packed[unknown], counts[unknown])}; say which class each colour is with "
+        f"colour_map={{(R, G, B): class_id, ...}} (command line: --colour-map FILE.json, or --colour-map voc for "
+        f"PASCAL VOC colours)")
+
+
+def semantic_picture(mask: Any, num_labels: int, *, colour_map: ColourMap | Mapping | str | None = None,
+                     what: str = "prompt mask") -> np.ndarray:
+    """The prompt picture in semantic mode: palette colours of the mask's class ids."""
+    return labels_to_rgb(class_ids(mask, num_labels, colour_map=colour_map, what=what), num_labels, what=what)
+
+
+def prompt_picture(mask: Any, num_labels: int | None = None, *, colour_map: ColourMap | Mapping | str | None = None,
+                   what: str = "prompt mask") -> np.ndarray:
+    """What the model sees for a prompt mask: :func:`binary_picture` without ``num_labels``, else
+    :func:`semantic_picture`."""
+    if num_labels is None:
+        if colour_map is not None:
+            raise ValueError("colour_map needs num_labels: it maps colours to class ids (semantic mode)")
+        return binary_picture(mask, what=what)
+    return semantic_picture(mask, num_labels, colour_map=colour_map, what=what)
+
+
+def foreground(mask: Any, *, what: str = "mask") -> np.ndarray:
+    """A binary mask as a target: ``[H, W]`` bool, pixels at least half as bright as the brightest."""
+    brightness = binary_picture(mask, what=what).max(axis=-1)
+    top = int(brightness.max(initial=0))
+    if top == 0:
+        return np.zeros(brightness.shape, dtype=bool)
+    return brightness.astype(np.int32) * 2 >= top
