@@ -136,6 +136,26 @@ class SegGptConfig:
             raise ConfigError(f"invalid config{where}: {e}") from None
 
     @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, revision: str | None = None,
+                        cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+                        token: str | bool | None = None) -> "SegGptConfig":
+        """Read ``config.json`` from a local folder, a path to a ``.json`` file, the folder of a weight
+        file, or a Hub repo id (through the huggingface_hub cache, with the offline detection, cache
+        fallback and errors of ``SegGptForImageSegmentation.from_pretrained``).
+
+        Raises:
+            ModelNotFoundError: no config.json in the folder, on the Hub or in the cache (names which).
+            ConfigError: the file is not valid JSON or does not describe a SegGPT model (names the file).
+        """
+        from .weights.hub import CONFIG_NAME, resolve_file
+
+        path = os.path.expanduser(os.fspath(name_or_path))
+        if not (os.path.isfile(path) and path.endswith(".json")):
+            path = resolve_file(path, CONFIG_NAME, revision=revision, cache_dir=cache_dir,
+                                local_files_only=local_files_only, token=token)
+        return cls.from_json_file(path)
+
+    @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "SegGptConfig":
         path = os.fspath(path)
         try:

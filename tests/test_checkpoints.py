@@ -226,13 +226,12 @@ def test_missing_paths_and_bad_names():
         SegGptForImageSegmentation.from_pretrained("not a repo id!")
 
 
-def test_safetensors_reader_agrees_with_the_safetensors_library(tmp_path):
-    """Our positioned-read reader against safetensors' own, over every dtype and edge shapes."""
+def test_read_safetensors_returns_what_was_written_and_names_broken_files(tmp_path):
+    """The one safetensors reader (the library's, pread backend): every dtype and edge shape, and errors."""
     import ml_dtypes
-    from safetensors import safe_open
     from safetensors.numpy import save_file
 
-    from seggpt_jax.weights.readers import SafetensorsReader
+    from seggpt_jax.weights import read_safetensors
 
     rng = np.random.default_rng(0)
     tensors = {
@@ -246,18 +245,18 @@ def test_safetensors_reader_agrees_with_the_safetensors_library(tmp_path):
         "scalar": np.array(3.5, dtype=np.float32),
         "empty": np.zeros((0, 4), dtype=np.float32),
     }
-    path = str(tmp_path / "all.safetensors")
-    save_file(tensors, path, metadata={"note": "hello"})
-    with SafetensorsReader(path) as ours, safe_open(path, "numpy") as theirs:
-        assert sorted(ours.keys()) == sorted(theirs.keys()) and ours.metadata == {"note": "hello"}
-        for key in theirs.keys():
-            a, b = ours.get(key), theirs.get_tensor(key)
-            assert a.dtype == b.dtype and a.shape == b.shape == ours.shape(key), key
-            np.testing.assert_array_equal(a, b, err_msg=key)
-    data = open(path, "rb").read()
-    (tmp_path / "cut.safetensors").write_bytes(data[:-3])
-    with pytest.raises(CheckpointError, match=r"cut.safetensors: .* places [12] tensors beyond its end"):
-        SafetensorsReader(str(tmp_path / "cut.safetensors"))
-    (tmp_path / "header.safetensors").write_bytes((10 ** 12).to_bytes(8, "little") + b"{}")
-    with pytest.raises(CheckpointError, match="header length field says 1000000000000 bytes"):
-        SafetensorsReader(str(tmp_path / "header.safetensors"))
+    path = tmp_path / "all.safetensors"
+    save_file(tensors, str(path), metadata={"note": "hello"})
+    arrays, metadata = read_safetensors(path)
+    assert metadata == {"note": "hello"} and sorted(arrays) == sorted(tensors)
+    for key, value in tensors.items():
+        assert arrays[key].dtype == value.dtype and arrays[key].shape == value.shape, key
+        np.testing.assert_array_equal(arrays[key], value, err_msg=key)
+    data = path.read_bytes()
+    broken = {"cut": data[:-3], "header": (10 ** 12).to_bytes(8, "little") + b"{}", "garbage": os.urandom(4096)}
+    for name, content in broken.items():
+        (tmp_path / f"{name}.safetensors").write_bytes(content)
+        with pytest.raises(CheckpointError, match=rf"{name}\.safetensors: not a readable safetensors file"):
+            read_safetensors(tmp_path / f"{name}.safetensors")
+    with pytest.raises(CheckpointError, match="checkpoint file not found: .*absent.safetensors"):
+        read_safetensors(tmp_path / "absent.safetensors")

@@ -79,8 +79,8 @@ def test_convert_to_bfloat16_without_parity(hf_tiny, tmp_path, capsys):
 
 def test_convert_errors_are_one_clear_line_and_leave_nothing_behind(hf_tiny, tmp_path, capsys):
     assert main(["convert", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "out")]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("seggpt-jax convert: error: no such file or directory:") and err.count("\n") == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("seggpt-jax: ")]
+    assert len(errors) == 1 and errors[0].startswith("seggpt-jax convert: error: no such file or directory:")
 
     _, src = hf_tiny("nonsquare")
     broken = tmp_path / "broken"

@@ -84,3 +84,29 @@ def test_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         SegGptConfig().hidden_size = 8
     assert SegGptConfig().replace(beta=0.5).beta == 0.5
+
+
+def test_from_pretrained_reads_folders_files_and_names_what_is_missing(tmp_path):
+    from seggpt_jax import ModelNotFoundError
+
+    written = dict(image_size=[64, 32], patch_size=4, hidden_size=32, num_hidden_layers=6, num_attention_heads=4,
+                   merge_index=2, intermediate_hidden_state_indices=[2, 4, 5], beta=0.5)
+    HFConfig(**written).save_pretrained(tmp_path / "folder")
+    (tmp_path / "folder" / "seggpt_vit_large.pth").write_bytes(b"weights beside the config")
+    (tmp_path / "tiny.json").write_text((tmp_path / "folder" / "config.json").read_text())
+    for source in (tmp_path / "folder", tmp_path / "folder" / "config.json", tmp_path / "tiny.json",
+                   tmp_path / "folder" / "seggpt_vit_large.pth", str(tmp_path / "folder")):
+        config = SegGptConfig.from_pretrained(source)
+        for field, value in written.items():
+            assert _normalise(getattr(config, field)) == _normalise(value), (source, field)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotFoundError, match=r"empty: no config\.json in this folder"):
+        SegGptConfig.from_pretrained(tmp_path / "empty")
+    with pytest.raises(ModelNotFoundError, match="no such file or directory"):
+        SegGptConfig.from_pretrained(tmp_path / "missing")
+    (tmp_path / "broken.json").write_text("{nope")
+    with pytest.raises(ConfigError, match=r"broken\.json is not valid JSON"):
+        SegGptConfig.from_pretrained(tmp_path / "broken.json")
+    (tmp_path / "vit.json").write_text(json.dumps({"model_type": "vit"}))
+    with pytest.raises(ConfigError, match=r"vit\.json has model_type='vit'"):
+        SegGptConfig.from_pretrained(tmp_path / "vit.json")

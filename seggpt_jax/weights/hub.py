@@ -3,20 +3,18 @@
 Accepted: a local directory (transformers layout or ours), a single weight file (an original BAAI
 ``.pth``, a ``pytorch_model.bin``, a ``.safetensors``, or a sharded ``*.index.json``), or a Hugging Face
 Hub repo id fetched with ``huggingface_hub`` (config and weight files only; safetensors preferred).
+:func:`resolve_file` finds one other named file the same way (``preprocessor_config.json``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import re
 import socket
 import urllib.parse
 
 from .readers import CheckpointError
-
-logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 #: Weight files looked for in a directory or Hub repo, in order of preference.
@@ -26,8 +24,9 @@ WEIGHT_NAMES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-#: The original BAAI release (Hub repo ``BAAI/SegGPT``), tried when a repo has no config.json.
-ORIGINAL_NAMES = ("seggpt_vit_large.pth",)
+#: The original BAAI layout, tried when a repo has no config.json: ``save_pretrained(layout="original")``'s
+#: file, then the BAAI release itself (Hub repo ``BAAI/SegGPT``).
+ORIGINAL_NAMES = ("seggpt_vit_large.safetensors", "seggpt_vit_large.pth")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".index.json")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$|^[A-Za-z0-9][\w.\-]*$")
 
@@ -67,13 +66,48 @@ def resolve(name_or_path: str | os.PathLike, *, revision: str | None = None, cac
         return _resolve_directory(path)
     if os.path.isfile(path):
         return _resolve_file(path)
+    _check_repo_id(path)
+    return _resolve_hub(_HubRepo(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                                 token=token))
+
+
+def resolve_file(name_or_path: str | os.PathLike, filename: str, *, revision: str | None = None,
+                 cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+                 token: str | bool | None = None, required: bool = True) -> str | None:
+    """The local path of one named file of a checkpoint (``config.json``, ``preprocessor_config.json``).
+
+    ``name_or_path`` is what ``from_pretrained`` takes: a local folder (the file in it), a local file
+    (the file beside it), or a Hub repo id (downloaded through the huggingface_hub cache, with the
+    offline detection, cache fallback and errors of :func:`resolve`). Returns ``None`` when the file
+    does not exist and ``required`` is false; offline, a file missing from a cached snapshot counts as
+    absent.
+
+    Raises:
+        ModelNotFoundError: a required file is absent, or the repo (or revision) is neither on the Hub
+            nor in the cache; the message names the repo or folder and the file.
+    """
+    path = os.path.expanduser(os.fspath(name_or_path))
+    if os.path.isdir(path) or os.path.isfile(path):
+        folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
+        candidate = os.path.join(folder, filename)
+        if os.path.isfile(candidate):
+            return candidate
+        if required:
+            raise ModelNotFoundError(f"{folder}: no {filename} in this folder")
+        return None
+    _check_repo_id(path)
+    return _HubRepo(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                    token=token).download(filename, required=required)
+
+
+def _check_repo_id(path: str) -> None:
+    """Raise for a missing local path or a name that cannot be a Hub repo id."""
     if _looks_like_path(path):
         raise ModelNotFoundError(f"no such file or directory: {path}")
     if not _REPO_ID.match(path):
         raise ModelNotFoundError(
             f"{path!r} is neither an existing local path nor a Hugging Face repo id ('organisation/name'). "
             + _HOW_TO_PASS_A_PATH)
-    return _resolve_hub(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
 
 
 def _looks_like_path(text: str) -> bool:
@@ -91,13 +125,13 @@ def _resolve_directory(folder: str) -> Resolved:
                 raise CheckpointError(f"{folder}: has {name} but no {CONFIG_NAME}; a transformers-layout folder "
                                       f"needs both (or pass the weight file itself together with config=...)")
             return Resolved(folder, candidate, config)
-    originals = sorted(f for f in os.listdir(folder) if f.endswith((".pth", ".pt")))
+    originals = sorted(f for f in os.listdir(folder) if f.endswith((".pth", ".pt", ".safetensors")))
     if len(originals) == 1:
         return _resolve_file(os.path.join(folder, originals[0]))
     found = sorted(os.listdir(folder))
     raise CheckpointError(
         f"{folder}: no weights found; expected one of {list(WEIGHT_NAMES)} (with {CONFIG_NAME}) or a single "
-        f"original .pth file; the folder holds {found[:20]}{' ...' if len(found) > 20 else ''}")
+        f"original .pth or .safetensors file; the folder holds {found[:20]}{' ...' if len(found) > 20 else ''}")
 
 
 def _resolve_file(path: str) -> Resolved:
@@ -142,69 +176,87 @@ def _reachable(endpoint: str, timeout: float = 3.0) -> bool:
         return False
 
 
-def _resolve_hub(repo_id: str, *, revision, cache_dir, local_files_only: bool, token) -> Resolved:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+class _HubRepo:
+    """One repo at one revision: every download of :func:`resolve` and :func:`resolve_file` goes through
+    :meth:`download`, which decides once whether to go online and turns huggingface_hub's errors into
+    one-line :class:`ModelNotFoundError` messages."""
 
-    offline = _offline_reason(local_files_only)
-    where = f"{repo_id}" + (f"@{revision}" if revision else "")
-
-    def download(filename: str) -> str:
-        return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
-                               local_files_only=offline is not None, token=token, library_name="seggpt-jax")
-
-    def not_found(what: str) -> ModelNotFoundError:
+    def __init__(self, repo_id: str, *, revision: str | None, cache_dir: str | os.PathLike | None,
+                 local_files_only: bool, token: str | bool | None):
         from huggingface_hub import constants
 
-        cache = os.fspath(cache_dir) if cache_dir else constants.HF_HUB_CACHE
-        if offline is not None:
-            reason = f"cannot load {where!r}: {what} is not in the Hugging Face cache ({cache}) and {offline}"
-        else:
-            reason = f"cannot load {where!r}: {what}"
+        self.repo_id, self.revision, self.token = repo_id, revision, token
+        self.cache_dir = os.fspath(cache_dir) if cache_dir else constants.HF_HUB_CACHE
+        self.offline = _offline_reason(local_files_only)  # None: online
+        self.where = repo_id + (f"@{revision}" if revision else "")
+
+    def not_found(self, what: str) -> ModelNotFoundError:
+        reason = f"cannot load {self.where!r}: {what}"
         return ModelNotFoundError(f"{reason}. {_HOW_TO_PASS_A_PATH}", reason)
 
-    try:
-        config = download(CONFIG_NAME)
-    except GatedRepoError:
-        raise ModelNotFoundError(f"{repo_id!r} is gated on the Hub: accept its terms and pass token=...") from None
-    except RepositoryNotFoundError:
-        raise not_found("the repository does not exist on the Hub (or is private: pass token=...)") from None
-    except RevisionNotFoundError:
-        raise not_found(f"revision {revision!r} does not exist") from None
-    except LocalEntryNotFoundError:
-        raise not_found(CONFIG_NAME) from None
-    except EntryNotFoundError:
-        config = None  # e.g. BAAI/SegGPT holds only the original .pth
-    except OSError as e:  # network trouble after the reachability check
-        raise not_found(f"downloading {CONFIG_NAME} failed ({e})") from None
+    def download(self, filename: str, *, required: bool = True) -> str | None:
+        """The cached path of ``filename``; ``None`` if the repo has none and it is not ``required``."""
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
+                                            RepositoryNotFoundError, RevisionNotFoundError)
 
+        try:
+            return hf_hub_download(self.repo_id, filename, revision=self.revision, cache_dir=self.cache_dir,
+                                   local_files_only=self.offline is not None, token=self.token,
+                                   library_name="seggpt-jax")
+        except GatedRepoError:
+            raise ModelNotFoundError(f"{self.repo_id!r} is gated on the Hub: accept its terms and pass token=...") \
+                from None
+        except RepositoryNotFoundError:
+            raise self.not_found("the repository does not exist on the Hub (or is private: pass token=...)") from None
+        except RevisionNotFoundError:
+            raise self.not_found(f"revision {self.revision!r} does not exist") from None
+        except LocalEntryNotFoundError:  # offline (or the Hub did not answer) and not in the cache
+            why = self.offline or "the Hub did not answer"
+            if not self._revision_cached():
+                raise self.not_found(f"it is not in the Hugging Face cache ({self.cache_dir}) and {why}") from None
+            if required:
+                raise self.not_found(f"{filename} is not in the Hugging Face cache ({self.cache_dir}) and {why}") \
+                    from None
+            return None  # a cached snapshot without the file: absent
+        except EntryNotFoundError:
+            if required:
+                raise self.not_found(f"the repository has no {filename}") from None
+            return None
+        except OSError as e:  # network trouble after the reachability check
+            raise self.not_found(f"downloading {filename} failed ({e})") from None
+
+    def _revision_cached(self) -> bool:
+        """Whether the cache holds a snapshot of this revision (huggingface_hub's cache layout)."""
+        repo = os.path.join(self.cache_dir, "models--" + self.repo_id.replace("/", "--"))
+        commit = self.revision or "main"
+        ref = os.path.join(repo, "refs", commit)
+        if os.path.isfile(ref):
+            with open(ref, encoding="utf-8") as f:
+                commit = f.read().strip()
+        return os.path.isdir(os.path.join(repo, "snapshots", commit))
+
+
+def _resolve_hub(hub: _HubRepo) -> Resolved:
+    config = hub.download(CONFIG_NAME, required=False)  # None: e.g. BAAI/SegGPT holds only the original .pth
     names = WEIGHT_NAMES if config is not None else ORIGINAL_NAMES
     for name in names:
-        try:
-            weights = download(name)
-        except (EntryNotFoundError, LocalEntryNotFoundError):
+        weights = hub.download(name, required=False)
+        if weights is None:
             continue
-        except OSError as e:
-            raise not_found(f"downloading {name} failed ({e})") from None
         if name.endswith(".index.json"):
-            try:
-                _download_shards(weights, download)
-            except LocalEntryNotFoundError as e:
-                raise not_found(f"a shard listed in {name} ({e})") from None
-            except OSError as e:
-                raise not_found(f"downloading the shards of {name} failed ({e})") from None
-        return Resolved(f"{where} ({os.path.dirname(weights)})", weights, config)
-    raise not_found(f"none of the weight files {list(names)}")
+            for shard in _shard_names(weights):
+                hub.download(shard)
+        return Resolved(f"{hub.where} ({os.path.dirname(weights)})", weights, config)
+    where = f"in the Hugging Face cache ({hub.cache_dir}; {hub.offline})" if hub.offline else "in the repository"
+    raise hub.not_found(f"none of the weight files {list(names)} is {where}")
 
 
-def _download_shards(index_path: str, download) -> None:
+def _shard_names(index_path: str) -> list[str]:
     import json
 
     try:
         with open(index_path, encoding="utf-8") as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+            return sorted(set(json.load(f)["weight_map"].values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{index_path}: not a valid sharded-checkpoint index: {e}") from None
-    for shard in shards:
-        download(shard)

@@ -40,8 +40,10 @@ class PretrainedMixin:
                                local_files_only=local_files_only, token=token, config=config, dtype=dtype,
                                param_dtype=param_dtype, precision=precision, runtime=runtime, layout=layout)
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write ``config.json`` + ``model.safetensors`` keyed by Flax parameter path; loads back exactly."""
+    def save_pretrained(self, save_directory: str | os.PathLike, *, layout: str = "seggpt-jax") -> None:
+        """Write the weights: ``layout="seggpt-jax"`` (``config.json`` + ``model.safetensors`` keyed by Flax
+        parameter path; loads back exactly), ``"transformers"`` (loads in transformers) or ``"original"``
+        (BAAI names); see :func:`seggpt_jax.weights.save_pretrained`."""
         from . import save_pretrained
 
-        save_pretrained(self, save_directory)
+        save_pretrained(self, save_directory, layout=layout)
