@@ -8,20 +8,16 @@ from .imaging.processor import SegGptImageProcessor
 from .runtime import RuntimeConfig, enable_compilation_cache
 from .inference.prompts import Prompt
 from .inference.segmenter import InputFailure, SegmentationResult, Segmenter
-from .nn.models import (
-    SegGptEncoderOutput,
-    SegGptForImageSegmentation,
-    SegGptImageSegmentationOutput,
-    SegGptModel,
-    feature_ensemble,
-    painter_loss,
-    painter_loss_terms,
-)
+from .nn.encoder import SegGptEncoderOutput, average_prompt_features
+from .nn.layers import ModelSettings
+from .nn.loss import painter_loss, painter_loss_terms
+from .nn.models import SegGptForImageSegmentation, SegGptImageSegmentationOutput, SegGptModel
 
 __all__ = [
     "CheckpointError",
     "ConfigError",
     "ModelNotFoundError",
+    "ModelSettings",
     "InputFailure",
     "Prompt",
     "RuntimeConfig",
@@ -33,7 +29,7 @@ __all__ = [
     "SegGptModel",
     "SegmentationResult",
     "Segmenter",
-    "feature_ensemble",
+    "average_prompt_features",
     "painter_loss",
     "painter_loss_terms",
     "enable_compilation_cache",

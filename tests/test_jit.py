@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from seggpt_jax import SegGptConfig, SegGptForImageSegmentation, SegGptModel
-from seggpt_jax.nn.models import _encoder_jit, _segment_jit
+from seggpt_jax.nn.models import _forward_jit
 
 CONFIG = SegGptConfig(image_size=(32, 16), patch_size=4, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
                       merge_index=1, intermediate_hidden_state_indices=(1, 3), pretrain_image_size=16,
@@ -28,30 +28,30 @@ def _inputs(seed, batch=2, labels=False):
 
 def test_no_recompilation_for_new_values_or_embedding_types():
     model = SegGptForImageSegmentation(CONFIG, rngs=nnx.Rngs(0))
-    before = _segment_jit._cache_size()
+    before = _forward_jit._cache_size()
     first = model(**_inputs(0)).pred_masks
-    assert _segment_jit._cache_size() == before + 1
+    assert _forward_jit._cache_size() == before + 1
     model(**_inputs(1))
     model(**_inputs(2), embedding_type="semantic")
     model(**_inputs(3), embedding_type=["semantic", "instance"])
     model(**_inputs(4), bool_masked_pos=np.ones((1, CONFIG.num_patches), bool))
-    assert _segment_jit._cache_size() == before + 1
+    assert _forward_jit._cache_size() == before + 1
     # updating a parameter in place does not recompile either, and is seen by the next call
     model.decoder.decoder_pred.head.bias[...] = model.decoder.decoder_pred.head.bias[...] + 1.0
     second = model(**_inputs(0)).pred_masks
     np.testing.assert_allclose(np.asarray(second), np.asarray(first) + 1.0, atol=1e-5)
-    assert _segment_jit._cache_size() == before + 1
+    assert _forward_jit._cache_size() == before + 1
     model(**_inputs(5, labels=True))  # a new input structure is a new program, once
     model(**_inputs(6, labels=True))
-    assert _segment_jit._cache_size() == before + 2
+    assert _forward_jit._cache_size() == before + 2
 
 
 def test_encoder_compiles_once_too():
     encoder = SegGptModel(CONFIG, rngs=nnx.Rngs(1))
-    before = _encoder_jit._cache_size()
+    before = _forward_jit._cache_size()
     for seed in range(3):
         out = encoder(**_inputs(seed))
-    assert _encoder_jit._cache_size() == before + 1
+    assert _forward_jit._cache_size() == before + 1
     assert out.last_hidden_state.shape == (2, 8, 4, 32)
 
 

@@ -1,6 +1,9 @@
-"""Every execution switch computes the same thing as the plain, unrolled reference path."""
+"""Every execution switch computes the same thing as the plain, unrolled reference path; settings are
+fixed when a model is built, held by the model alone, and changed only by building a new model."""
 
 from __future__ import annotations
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -9,9 +12,13 @@ import pytest
 from conftest import random_bool_masked_pos, random_inputs
 from flax import nnx
 
-from seggpt_jax import RuntimeConfig, SegGptConfig, SegGptForImageSegmentation
+from jax.ad_checkpoint import print_saved_residuals
+
+from seggpt_jax import ModelSettings, RuntimeConfig, SegGptConfig, SegGptForImageSegmentation, SegGptModel
 from seggpt_jax.nn.attention import (attention_chunked, attention_plain, attention_widened, resolve_impl, widen)
-from seggpt_jax.nn.models import layer_segments
+from seggpt_jax.nn.encoder import layer_segments
+from seggpt_jax.nn.inputs import prepare
+from seggpt_jax.train.trainer import Trainer, TrainConfig
 
 CONFIGS = {
     "nonsquare": SegGptConfig(image_size=(64, 32), patch_size=4, hidden_size=32, num_hidden_layers=6,
@@ -60,8 +67,8 @@ def test_runtime_switches_match_the_plain_unrolled_path(name, runtime):
     kwargs = dict(feature_ensemble=ensemble,
                   bool_masked_pos=random_bool_masked_pos(config.num_patches, batch=3, seed=32))
     reference = _outputs(model, inputs, **kwargs)
-    model.configure(attention=runtime.attention, scan_layers=runtime.scan_layers)
-    assert model.model.encoder.layers[0].attention.runtime == runtime
+    model = model.with_runtime(attention=runtime.attention, scan_layers=runtime.scan_layers)
+    assert model.settings.runtime == runtime
     ours = _outputs(model, inputs, **kwargs)
     assert len(ours) == len(reference)
     for i, (a, b) in enumerate(zip(ours, reference)):
@@ -131,11 +138,7 @@ def gradient_case():
 @pytest.mark.parametrize("policy", ["full", "dots", "everything_saveable"])
 def test_remat_and_scan_give_the_same_gradients(gradient_case, policy):
     model, grads, reference = gradient_case
-    model.configure(attention="chunked", scan_layers=True, remat_policy=policy)
-    try:
-        ours = grads(model)
-    finally:
-        model.configure(attention="plain", scan_layers=False, remat_policy=None)
+    ours = grads(model.with_runtime(attention="chunked", scan_layers=True, remat_policy=policy))
     for (path, a), (_, b) in zip(ours, reference):
         np.testing.assert_allclose(np.asarray(a[...]), np.asarray(b[...]), atol=2e-5, rtol=1e-4, err_msg=str(path))
 
@@ -148,4 +151,121 @@ def test_runtime_config_validation():
     with pytest.raises(TypeError, match="runtime must be a seggpt_jax.RuntimeConfig"):
         SegGptForImageSegmentation(CONFIGS["nonsquare"], runtime={"attention": "plain"}, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="attention must be one of"):
-        SegGptForImageSegmentation(CONFIGS["nonsquare"], rngs=nnx.Rngs(0)).configure(attention="fast")
+        SegGptForImageSegmentation(CONFIGS["nonsquare"], rngs=nnx.Rngs(0)).with_runtime(attention="fast")
+
+
+@pytest.mark.parametrize("policy, saved", [
+    ("full", set()), ("dots", {"qkv", "attention", "attention_out", "mlp_hidden"}), (None, set())])
+def test_remat_policies_save_what_they_say(capsys, policy, saved):
+    """Inside a rematerialised layer "full" keeps nothing and "dots" keeps the named matmul outputs the
+    backward pass needs (without remat nothing is saved under a name: every residual is kept as is)."""
+    config = CONFIGS["nonsquare"]
+    model = SegGptForImageSegmentation(config, runtime=RuntimeConfig(attention="plain", remat_policy=policy),
+                                       rngs=nnx.Rngs(0))
+    inputs, options = prepare(config, **random_inputs(config, batch=2, seed=36, labels=True))
+    graphdef, state = nnx.split(model)
+    print_saved_residuals(lambda s: nnx.merge(graphdef, s).forward_prepared(inputs, options).loss, state)
+    report = capsys.readouterr().out
+    assert set(re.findall(r"named '(\w+)'", report)) == saved, report
+
+
+def _params(model) -> dict[tuple, jax.Array]:
+    return {path: var.get_value() for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def _built_like(model, **settings):
+    """A model constructed with ``settings``, holding ``model``'s parameter values."""
+    built = SegGptForImageSegmentation(model.config, rngs=nnx.Rngs(3), **settings)
+    nnx.update(built, nnx.state(model))
+    return built
+
+
+def test_new_settings_give_new_models_over_the_same_parameters():
+    config = CONFIGS["nonsquare"]
+    model = _random_model(config, runtime=RuntimeConfig(attention="plain"))
+    inputs = random_inputs(config, batch=2, seed=35)
+    before = np.asarray(model(**inputs).pred_masks)
+    params = _params(model)
+    variants = {
+        "scan": (model.with_runtime(scan_layers=True),
+                 dict(runtime=RuntimeConfig(attention="plain", scan_layers=True))),
+        "chunked": (model.with_runtime(RuntimeConfig(attention="chunked")),
+                    dict(runtime=RuntimeConfig(attention="chunked"))),
+        "mixed": (model.with_settings(dtype=jnp.bfloat16, precision="highest"),
+                  dict(dtype=jnp.bfloat16, precision="highest", runtime=RuntimeConfig(attention="plain"))),
+    }
+    for name, (other, settings) in variants.items():
+        assert other is not model and other.settings == ModelSettings(**settings), name
+        assert _params(other).keys() == params.keys()
+        assert all(value is params[path] for path, value in _params(other).items()), name  # shared, not copied
+        np.testing.assert_array_equal(np.asarray(other(**inputs).pred_masks),
+                                      np.asarray(_built_like(model, **settings)(**inputs).pred_masks), err_msg=name)
+    # the original keeps its settings and outputs, even when a new model's parameters are updated
+    scanned = variants["scan"][0]
+    scanned.decoder.decoder_pred.head.bias[...] = scanned.decoder.decoder_pred.head.bias[...] + 1.0
+    assert model.settings == ModelSettings(runtime=RuntimeConfig(attention="plain"))
+    np.testing.assert_array_equal(np.asarray(model(**inputs).pred_masks), before)
+    with pytest.raises(TypeError):
+        model.with_settings(param_dtype=jnp.bfloat16)  # a parameter dtype is not a setting: use astype
+
+
+def test_astype_casts_the_parameters_of_a_new_model():
+    config = CONFIGS["nonsquare"]
+    model = _random_model(config, runtime=RuntimeConfig(attention="plain"))
+    inputs = random_inputs(config, batch=2, seed=39)
+    half = model.astype(jnp.bfloat16)
+    assert half.settings == model.settings
+    for path, value in _params(half).items():
+        assert value.dtype == jnp.bfloat16 and _params(model)[path].dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(_params(model)[path].astype(jnp.bfloat16)))
+    built = _built_like(half, param_dtype=jnp.bfloat16, runtime=RuntimeConfig(attention="plain"))
+    out = np.asarray(half(**inputs).pred_masks)
+    np.testing.assert_array_equal(out, np.asarray(built(**inputs).pred_masks))
+    full = np.asarray(model(**inputs).pred_masks)
+    assert np.all(np.isfinite(out)) and np.abs(out - full).mean() < 0.02 * np.abs(full).mean() + 1e-3
+
+
+def test_a_model_built_for_bfloat16_compute_runs_scanned_with_remat():
+    config = CONFIGS["nonsquare"]
+    runtime = RuntimeConfig(attention="chunked", scan_layers=True, remat_policy="dots")
+    model = SegGptForImageSegmentation(config, dtype=jnp.bfloat16, runtime=runtime, rngs=nnx.Rngs(0))
+    inputs = random_inputs(config, batch=2, seed=40, labels=True)
+    loss, grads = nnx.value_and_grad(lambda m: m(**inputs, output_hidden_states=True).loss)(model)
+    out = model(**inputs, output_hidden_states=True)
+    assert out.hidden_states[-1].dtype == jnp.bfloat16 and out.pred_masks.dtype == jnp.float32
+    assert np.isfinite(float(loss))
+    assert all(np.all(np.isfinite(np.asarray(g[...]))) for _, g in nnx.to_flat_state(grads))
+
+
+@pytest.mark.parametrize("cls", [SegGptForImageSegmentation, SegGptModel])
+def test_only_the_top_model_holds_settings(cls):
+    model = cls(CONFIGS["nonsquare"], dtype=jnp.bfloat16, precision="highest", runtime=RuntimeConfig(scan_layers=True),
+                rngs=nnx.Rngs(0))
+    setting_types = (ModelSettings, RuntimeConfig, np.dtype, jax.lax.Precision)
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Module):
+            held = [name for name, value in vars(node).items()
+                    if isinstance(value, setting_types) or (isinstance(value, type) and issubclass(value, np.generic))]
+            assert held == (["settings"] if path == () else []), (path, held)
+
+
+def test_trainer_trains_the_callers_parameters_and_leaves_its_settings_alone():
+    config = CONFIGS["nonsquare"]
+    model = SegGptForImageSegmentation(config, runtime=RuntimeConfig(attention="plain"), rngs=nnx.Rngs(0))
+    params = {path: np.asarray(value) for path, value in _params(model).items()}
+    trainer = Trainer(model, TrainConfig(steps=1, batch_size=2, warmup_steps=0, dtype="bfloat16", remat_policy="dots"))
+    assert trainer.model.settings == ModelSettings(dtype=jnp.bfloat16,
+                                                   runtime=RuntimeConfig(attention="plain", remat_policy="dots"))
+    batch = random_inputs(config, batch=2, seed=37, labels=True)
+    batch.update(bool_masked_pos=random_bool_masked_pos(config.num_patches, batch=2, seed=38),
+                 is_instance=np.ones(2, bool))
+    assert np.isfinite(float(trainer.train_step(batch)))
+    assert model.settings == ModelSettings(runtime=RuntimeConfig(attention="plain"))  # settings: never patched
+    trained = _params(trainer.model)
+    assert any(not np.array_equal(np.asarray(trained[path]), value) for path, value in params.items())
+    for path, value in _params(model).items():  # parameters: trained, as nnx.Optimizer(model, ...) trains them
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(trained[path]), err_msg=str(path))
+    copy = model.with_settings(dtype=jnp.bfloat16)  # without shared=True, a model of its own
+    copy.decoder.decoder_embed.bias[...] = copy.decoder.decoder_embed.bias[...] + 1
+    assert not np.array_equal(np.asarray(copy.decoder.decoder_embed.bias[...]),
+                              np.asarray(model.decoder.decoder_embed.bias[...]))

@@ -259,10 +259,12 @@ class Trainer:
 
     def __init__(self, model: nnx.Module, config: TrainConfig, *, batches: Callable[[int], dict] | None = None,
                  optimizer: nnx.Optimizer | None = None, step: int = 0):
+        # ``self.model`` is a view over the caller's parameter Variables with the training settings:
+        # training updates the caller's parameters (as nnx.Optimizer does); its settings never change
+        settings = {"dtype": jnp.bfloat16} if config.dtype == "bfloat16" else {}
         if config.remat_policy is not None:
-            model.configure(remat_policy=config.remat_policy)
-        if config.dtype == "bfloat16":
-            _set_compute_dtype(model, jnp.bfloat16)
+            settings["runtime"] = dataclasses.replace(model.settings.runtime, remat_policy=config.remat_policy)
+        model = model.with_settings(shared=True, **settings)
         self.model, self.config, self.batches = model, config, batches
         self.optimizer = optimizer if optimizer is not None else make_optimizer(model, config)
         self.step_count = step
@@ -369,16 +371,3 @@ def _point_latest(run_dir: str, step: int) -> None:
         f.write(f"step_{step:07d}\n")
     os.replace(tmp, os.path.join(run_dir, "latest"))
 
-
-def _set_compute_dtype(model: nnx.Module, dtype) -> None:
-    """bfloat16 compute with the parameters kept in float32 (every module's compute dtype)."""
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, (nnx.Linear, nnx.Conv)):
-            node.dtype = dtype
-        policy = getattr(node, "p", None) or getattr(node, "precision_policy", None)
-        if policy is not None and dataclasses.is_dataclass(policy):
-            replaced = dataclasses.replace(policy, dtype=jnp.dtype(dtype))
-            if hasattr(node, "p"):
-                node.p = replaced
-            if hasattr(node, "precision_policy"):
-                node.precision_policy = replaced
