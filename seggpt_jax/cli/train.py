@@ -130,18 +130,8 @@ class _JsonLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def write_json(path: str, data: dict) -> None:
-    from ..files import atomic_save
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    atomic_save(path, write)
-
-
 def run_finetune(args: argparse.Namespace) -> int:
+    from ..train.state import write_json
     from ..train.trainer import EpisodeBatches, Trainer, TrainConfig
 
     common.check_output_folder(args.out_dir)
@@ -214,6 +204,7 @@ def run_tune_prompt(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     from ..data import class_episodes, fold_classes, sample_episodes
     from ..eval.protocols import evaluate_episodes, evaluate_folder
+    from ..train.state import write_json
     from .segment import _checked_prompts
 
     if args.output:

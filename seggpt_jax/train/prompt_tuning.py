@@ -4,10 +4,21 @@ The prompt is one or more (image, mask) canvases in the model's normalised input
 from examples or from noise, and optimised with optax on (image, mask) pairs of a task with the same
 painter loss (the query half masked, as at inference). The model's parameters are never touched.
 
-    prompt = tune_prompt(model, dataset, steps=500, num_prompts=2, init="examples")
-    prompt.save("cars.prompt.safetensors")
-    Segmenter(model).segment("street.jpg", prompts=LearnedPrompt.load("cars.prompt.safetensors"))
-    # or: seggpt-jax segment street/ --learned-prompt cars.prompt.safetensors --out-dir out/
+    >>> import os, tempfile
+    >>> from seggpt_jax import SegGptForImageSegmentation, Segmenter
+    >>> from seggpt_jax.data import FolderDataset
+    >>> from seggpt_jax.train import LearnedPrompt, PromptTuningConfig, tune_prompt
+    >>> model = SegGptForImageSegmentation.from_pretrained("BAAI/seggpt-vit-large")
+    >>> data = FolderDataset("examples", images="queries", masks="ground_truth")
+    >>> config = PromptTuningConfig(steps=2, batch_size=2, num_prompts=2)  # ~500 steps for a real task
+    >>> prompt = tune_prompt(model, data, config)
+    >>> path = os.path.join(tempfile.mkdtemp(), "task.prompt.safetensors")
+    >>> prompt.save(path)
+    >>> Segmenter(model).segment("examples/queries/rocket.jpg", prompts=LearnedPrompt.load(path)).mask.shape
+    (427, 640)
+
+On the command line: ``seggpt-jax tune-prompt DATA -o task.prompt.safetensors``, then
+``seggpt-jax segment PHOTOS --learned-prompt task.prompt.safetensors --out-dir out/``.
 """
 
 from __future__ import annotations
@@ -16,7 +27,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -27,6 +38,8 @@ from flax import nnx
 
 from ..data import Augment, Dataset, Prefetcher, resize_valid
 from ..nn.models import painter_loss_terms
+from ..weights.readers import CheckpointError, SafetensorsReader
+from .state import load_tree, save_tree
 from ..imaging.processor import SegGptImageProcessor
 
 FORMAT = "seggpt-jax-learned-prompt/1"
@@ -71,18 +84,11 @@ class LearnedPrompt:
 
     def save(self, path: str | os.PathLike) -> None:
         """safetensors with the canvases and the metadata (JSON) in its header; written atomically."""
-        from safetensors.numpy import save_file
-
-        from ..files import atomic_save
-
-        metadata = {"format": FORMAT, "metadata": json.dumps(self.metadata, sort_keys=True)}
-        tensors = {"prompt_pixel_values": self.prompt_pixel_values, "prompt_masks": self.prompt_masks}
-        atomic_save(os.fspath(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        save_tree(os.fspath(path), {"prompt_pixel_values": self.prompt_pixel_values, "prompt_masks": self.prompt_masks},
+                  {"format": FORMAT, "metadata": json.dumps(self.metadata, sort_keys=True)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LearnedPrompt":
-        from ..weights.readers import CheckpointError, SafetensorsReader
-
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no such learned prompt file: {path}")
@@ -98,16 +104,6 @@ class LearnedPrompt:
                            json.loads(reader.metadata.get("metadata", "{}")))
         except CheckpointError as e:
             raise ValueError(str(e)) from None
-
-    def images(self) -> tuple[np.ndarray, np.ndarray]:
-        """The canvases as ``[P, h, w, 3]`` uint8 pictures (prompt images, prompt masks)."""
-        from ..imaging.processor import IMAGENET_MEAN, IMAGENET_STD
-
-        def picture(x):
-            x = x * np.float32(IMAGENET_STD)[None, :, None, None] + np.float32(IMAGENET_MEAN)[None, :, None, None]
-            return np.clip(x * 255 + 0.5, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
-
-        return picture(self.prompt_pixel_values), picture(self.prompt_masks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,44 +237,22 @@ def tune_prompt(model, dataset: Dataset, config: PromptTuningConfig = PromptTuni
 
 
 def _save_state(path: str, params, opt_state, meta: dict, config: PromptTuningConfig) -> None:
-    from safetensors.numpy import save_file
-
-    from ..files import atomic_save
-
     LearnedPrompt(np.asarray(params["image"]), np.asarray(params["mask"]), meta).save(path)
-    leaves = jax.tree.leaves(opt_state)
-    tensors = {f"leaf{i:03d}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
-    header = {"step": str(meta["steps"]), "config": json.dumps(dataclasses.asdict(config))}
-    atomic_save(path + ".state.safetensors", lambda tmp: save_file(tensors, tmp, metadata=header))
+    save_tree(path + ".state.safetensors", opt_state,
+              {"step": str(meta["steps"]), "config": json.dumps(dataclasses.asdict(config))})
 
 
 def resume_prompt_tuning(model, dataset: Dataset, checkpoint: str, config: PromptTuningConfig | None = None,
                          **kwargs: Any) -> LearnedPrompt:
     """Continue :func:`tune_prompt` from its checkpoint file; ends where an uninterrupted run would."""
-    from safetensors.numpy import load_file
-    from safetensors import safe_open
-
     state_path = checkpoint + ".state.safetensors"
     if not os.path.isfile(state_path):
         raise FileNotFoundError(f"no prompt-tuning state at {state_path}")
-    with safe_open(state_path, "numpy") as f:
-        header = f.metadata()
-    saved = PromptTuningConfig(**json.loads(header["config"]))
-    config = config or saved
+    with SafetensorsReader(state_path) as reader:  # the header only
+        config = config or PromptTuningConfig(**json.loads(reader.metadata["config"]))
     prompt = LearnedPrompt.load(checkpoint)
     template = optax.adam(config.learning_rate).init({"image": jnp.asarray(prompt.prompt_pixel_values),
                                                       "mask": jnp.asarray(prompt.prompt_masks)})
-    arrays = load_file(state_path)
-    leaves = [jnp.asarray(arrays[f"leaf{i:03d}"]) for i in range(len(jax.tree.leaves(template)))]
-    opt_state = jax.tree.unflatten(jax.tree.structure(template), leaves)
+    opt_state, header = load_tree(state_path, template)
     return tune_prompt(model, dataset, config, start=prompt, start_step=int(header["step"]), opt_state=opt_state,
                        checkpoint=checkpoint, **kwargs)
-
-
-def prompts_from(value: LearnedPrompt | str | os.PathLike | Sequence) -> list:
-    """Segmenter prompts from a learned prompt (object or file)."""
-    if isinstance(value, (str, os.PathLike)):
-        value = LearnedPrompt.load(value)
-    if isinstance(value, LearnedPrompt):
-        return value.prompts()
-    return list(value)

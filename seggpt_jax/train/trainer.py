@@ -4,8 +4,18 @@ Each training row is a prompt pair and a query pair from the same group (task or
 of the mask canvas are randomly masked (``mask_ratio``, or, with ``half_mask_prob``, just the query
 half as at inference) and the smooth-L1 painter loss is taken over the masked, valid pixels.
 
-    trainer = Trainer(model, TrainConfig(steps=2000), batches=EpisodeBatches(dataset, model.config))
-    trainer.fit(checkpoint_dir="runs/ft")          # resumable: Trainer.restore("runs/ft/latest", batches=...)
+    >>> import tempfile
+    >>> from seggpt_jax import SegGptForImageSegmentation
+    >>> from seggpt_jax.data import FolderDataset
+    >>> from seggpt_jax.train import EpisodeBatches, Trainer, TrainConfig
+    >>> model = SegGptForImageSegmentation.from_pretrained("BAAI/seggpt-vit-large")
+    >>> data = FolderDataset("examples", images="queries", masks="ground_truth").validate()
+    >>> config = TrainConfig(steps=2, batch_size=2, warmup_steps=1)  # ~2000 steps for a real task
+    >>> trainer = Trainer(model, config, batches=EpisodeBatches(data, model.config, batch_size=2))
+    >>> run = tempfile.mkdtemp()
+    >>> history = trainer.fit(checkpoint_dir=run)   # checkpoints in run/step_N, run/latest names the last
+    >>> Trainer.restore(run).step_count             # resumes exactly where it stopped
+    2
 
 Everything random derives from ``TrainConfig.seed`` and the step number (data, masks, drop-path), so a
 run resumed from a checkpoint ends with exactly the parameters of an uninterrupted run.
@@ -19,7 +29,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
 from collections.abc import Callable
 
@@ -33,6 +42,7 @@ from ..config import SegGptConfig
 from ..data import Augment, Dataset, Prefetcher, resize_valid
 from ..nn.models import painter_loss_terms
 from ..imaging.processor import SegGptImageProcessor
+from .state import load_tree, point_latest, resolve_checkpoint, save_tree, write_folder, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -306,68 +316,40 @@ class Trainer:
                 if log is not None:
                     log(record)
             if checkpoint_dir and (step % self.config.checkpoint_every == 0 or step == end):
-                self.save(os.path.join(checkpoint_dir, f"step_{step:07d}"))
-                _point_latest(checkpoint_dir, step)
+                name = f"step_{step:07d}"
+                self.save(os.path.join(checkpoint_dir, name))
+                point_latest(checkpoint_dir, name)  # only once the checkpoint is complete
         return self.history
 
     # -------------------------------------------------------------------------- checkpoints
     def save(self, directory: str) -> None:
-        """``model/`` (save_pretrained), ``optimizer.safetensors`` and ``trainer.json``, written atomically."""
-        from safetensors.numpy import save_file
+        """A checkpoint folder: ``model/`` (save_pretrained), ``optimizer.safetensors`` (the optimizer's
+        state keyed by path) and ``trainer.json``, staged and swapped in whole (:func:`write_folder`)."""
 
-        parent = os.path.dirname(os.path.abspath(directory))
-        os.makedirs(parent, exist_ok=True)
-        staging = directory + ".partial"
-        if os.path.exists(staging):
-            shutil.rmtree(staging)
-        os.makedirs(staging)
-        self.model.save_pretrained(os.path.join(staging, "model"))
-        arrays = {_path(path): np.asarray(jax.device_get(var[...]))
-                  for path, var in nnx.to_flat_state(nnx.state(self.optimizer))}
-        save_file(arrays, os.path.join(staging, "optimizer.safetensors"))
-        with open(os.path.join(staging, "trainer.json"), "w") as f:
-            json.dump({"step": self.step_count, "config": self.config.to_json(), "history": self.history}, f, indent=2)
-        if os.path.exists(directory):
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
+        def fill(staging: str) -> None:
+            self.model.save_pretrained(os.path.join(staging, "model"))
+            save_tree(os.path.join(staging, "optimizer.safetensors"), nnx.state(self.optimizer))
+            write_json(os.path.join(staging, "trainer.json"),
+                       {"step": self.step_count, "config": self.config.to_json(), "history": self.history})
+
+        write_folder(directory, fill)
 
     @classmethod
-    def restore(cls, directory: str, *, batches: Callable[[int], dict] | None = None,
+    def restore(cls, path: str, *, batches: Callable[[int], dict] | None = None,
                 config: TrainConfig | None = None) -> "Trainer":
-        """Resume from a :meth:`save` folder (or a run folder holding ``latest``)."""
-        from safetensors.numpy import load_file
-
+        """Resume from a :meth:`save` folder, a run folder (its ``latest`` checkpoint) or its ``latest`` file."""
         from ..nn.models import SegGptForImageSegmentation
 
-        if os.path.isfile(os.path.join(directory, "latest")):
-            with open(os.path.join(directory, "latest")) as f:
-                directory = os.path.join(directory, f.read().strip())
+        directory = resolve_checkpoint(path)
         meta_path = os.path.join(directory, "trainer.json")
         if not os.path.isfile(meta_path):
             raise FileNotFoundError(f"no training checkpoint in {directory} (expected trainer.json)")
-        with open(meta_path) as f:
+        with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
-        saved = TrainConfig.from_json(meta["config"])
-        config = config or saved
+        config = config or TrainConfig.from_json(meta["config"])
         model = SegGptForImageSegmentation.from_pretrained(os.path.join(directory, "model"))
         trainer = cls(model, config, batches=batches, step=int(meta["step"]))
-        arrays = load_file(os.path.join(directory, "optimizer.safetensors"))
-        state = nnx.state(trainer.optimizer)
-        flat = nnx.to_flat_state(state)
-        missing = [_path(p) for p, _ in flat if _path(p) not in arrays]
-        if missing:
-            raise ValueError(f"{directory}/optimizer.safetensors does not match this optimizer (missing {missing[:5]}); "
-                             "was the trainable set changed?")
-        for path, var in flat:
-            var[...] = jnp.asarray(arrays[_path(path)])
+        state, _ = load_tree(os.path.join(directory, "optimizer.safetensors"), nnx.state(trainer.optimizer))
         nnx.update(trainer.optimizer, state)
         trainer.history = meta.get("history", [])
         return trainer
-
-
-def _point_latest(run_dir: str, step: int) -> None:
-    tmp = os.path.join(run_dir, ".latest.tmp")
-    with open(tmp, "w") as f:
-        f.write(f"step_{step:07d}\n")
-    os.replace(tmp, os.path.join(run_dir, "latest"))
-
