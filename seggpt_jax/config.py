@@ -97,11 +97,6 @@ class SegGptConfig:
     def pretrain_grid(self) -> int:
         return self.pretrain_image_size // self.patch_size
 
-    @property
-    def tap_layers(self) -> tuple[int, ...]:
-        """Decoder taps in the order the encoder produces them (layer order)."""
-        return tuple(sorted(self.intermediate_hidden_state_indices))
-
     def drop_path_rates(self) -> tuple[float, ...]:
         """Per-layer stochastic-depth rates, ``linspace(0, drop_path_rate, num_hidden_layers)``."""
         n = self.num_hidden_layers

@@ -96,6 +96,25 @@ def test_convert_errors_are_one_clear_line_and_leave_nothing_behind(hf_tiny, tmp
     assert "--out-dir " + str(tmp_path / "file") + " exists and is not a folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("damage", ["truncated", "foreign object"])
+def test_a_corrupt_pth_gets_our_message_never_advice_to_unpickle(tmp_path, capsys, damage):
+    import torch
+
+    path = tmp_path / "seggpt_vit_large.pth"
+    if damage == "truncated":
+        torch.save({"model": {"pos_embed": torch.zeros(1, 197, 8)}}, path)
+        path.write_bytes(path.read_bytes()[:200])
+        reason = "truncated or corrupt"
+    else:
+        import fractions
+
+        torch.save({"model": {"pos_embed": torch.zeros(1, 197, 8)}, "scale": fractions.Fraction(1, 3)}, path)
+        reason = "it holds a Python object (fractions.Fraction) besides tensors"
+    assert main(["info", str(path)]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and reason in errors[0] and "weights_only" not in errors[0], errors
+
+
 def test_convert_overwrite_replaces_only_its_own_files(hf_tiny, tmp_path, capsys):
     _, src = hf_tiny("nonsquare")
     busy = tmp_path / "busy"

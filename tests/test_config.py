@@ -20,7 +20,7 @@ def test_fields_and_defaults_match_transformers():
     for field in dataclasses.fields(SegGptConfig):
         assert hasattr(theirs, field.name), field.name
         assert _normalise(getattr(ours, field.name)) == _normalise(getattr(theirs, field.name)), field.name
-    assert ours.grid_size == (56, 28) and ours.mlp_dim == 4096 and ours.tap_layers == (5, 11, 17, 23)
+    assert ours.grid_size == (56, 28) and ours.mlp_dim == 4096 and ours.intermediate_hidden_state_indices == (5, 11, 17, 23)
     hash(ours)  # static data for jit: must be hashable
 
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -15,24 +13,7 @@ import pytest
 
 from seggpt_jax import ModelNotFoundError, SegGptForImageSegmentation
 from seggpt_jax.weights import flat_parameters
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def fill_hub_cache(cache: str, repo_id: str, files: dict[str, str]) -> None:
-    """Lay files out the way huggingface_hub caches a download: blobs, a snapshot of links, refs/main."""
-    repo = os.path.join(cache, "models--" + repo_id.replace("/", "--"))
-    os.makedirs(os.path.join(repo, "blobs"), exist_ok=True)
-    os.makedirs(os.path.join(repo, "refs"), exist_ok=True)
-    snapshot = os.path.join(repo, "snapshots", COMMIT)
-    os.makedirs(snapshot, exist_ok=True)
-    for name, source in files.items():
-        digest = hashlib.sha256(open(source, "rb").read()).hexdigest()
-        shutil.copy(source, os.path.join(repo, "blobs", digest))
-        os.symlink(os.path.join("..", "..", "blobs", digest), os.path.join(snapshot, name))
-    with open(os.path.join(repo, "refs", "main"), "w") as f:
-        f.write(COMMIT)
-
+from seggpt_jax_testing.hub import fill_hub_cache
 
 def closed_port() -> int:
     with socket.socket() as s:

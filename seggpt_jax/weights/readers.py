@@ -7,8 +7,11 @@ filled. :func:`read_safetensors` is the one way to read a whole safetensors file
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
+import warnings
 import zipfile
 from typing import Any
 
@@ -118,10 +121,12 @@ class TorchReader(TensorReader):
             ) from None
         self._torch = torch
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-        except Exception as e:  # noqa: BLE001 - torch raises RuntimeError/UnpicklingError/EOFError...
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
-                                  f"{type(e).__name__}: {e}") from None
+            # argparse.Namespace (training arguments saved beside the weights) only holds attributes
+            with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the error below says it all
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        except Exception as e:  # noqa: BLE001 - torch raises RuntimeError/UnpicklingError/EOFError/KeyError...
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {_torch_load_reason(e)}") from None
         state = obj
         if isinstance(obj, dict):
             for wrapper in ("model", "state_dict", "model_state_dict"):
@@ -159,6 +164,20 @@ class TorchReader(TensorReader):
 
     def close(self) -> None:
         self._tensors = {}
+
+
+def _torch_load_reason(error: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in our words: torch's own message suggests loading
+    with ``weights_only=False``, which runs arbitrary code from the file, so it is never passed on."""
+    text = str(error)
+    unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if unsupported:
+        return (f"it holds a Python object ({unsupported.group(1)}) besides tensors; only tensors are read, "
+                f"because unpickling objects can run code from the file")
+    if "weights_only" in text or "Weights only load failed" in text:
+        return "it holds data other than a state dict of tensors, or it is truncated or corrupt"
+    first = re.split(r"(?<=[.!?])\s", text.strip(), maxsplit=1)[0] if text.strip() else type(error).__name__
+    return f"truncated or corrupt? ({first.rstrip('.')})"
 
 
 class ShardedReader(TensorReader):
