@@ -1,0 +1,39 @@
+"""The wheel holds the library only, and importing it (every module) loads neither torch nor transformers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+IMPORT_EVERYTHING = """
+import importlib, pkgutil, sys
+import seggpt_jax
+assert seggpt_jax.__file__.startswith(sys.argv[1]), seggpt_jax.__file__  # the wheel's copy, not the checkout
+for info in pkgutil.walk_packages(seggpt_jax.__path__, "seggpt_jax."):
+    importlib.import_module(info.name)
+from seggpt_jax.cli.main import build_parser
+build_parser()
+loaded = sorted(name for name in sys.modules if name.split(".")[0] in ("torch", "transformers"))
+print("LOADED", loaded)
+"""
+
+
+def test_wheel_contents_and_imports(tmp_path):
+    out = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", str(out),
+                    REPO], check=True, capture_output=True, text=True, timeout=600)
+    (wheel,) = list(out.glob("seggpt_jax-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {name.split("/")[0] for name in names}
+    assert {t for t in top if not t.endswith(".dist-info")} == {"seggpt_jax"}, top  # no tests, testing, examples
+    assert "seggpt_jax/nn/flash_attention.py" in names and "seggpt_jax/imaging/masks.py" in names
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    result = subprocess.run([sys.executable, "-c", IMPORT_EVERYTHING, str(site)], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(site)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "LOADED []" in result.stdout, result.stdout
