@@ -150,6 +150,33 @@ def test_rerun_into_the_input_folder_skips_its_own_outputs_and_never_replaces_ot
     assert set(os.listdir(photos)) == set(before)
 
 
+COMPILE_TIMES = """
+import sys, jax
+from seggpt_jax.cli import main
+from seggpt_jax.inference import segmenter
+marks = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, duration, **kw: marks.append("compile") if event == "/jax/core/compile/backend_compile_duration"
+    else None)
+paint = segmenter.Segmenter._paint
+segmenter.Segmenter._paint = lambda self, *a, **k: (marks.append("forward"), paint(self, *a, **k))[1]
+code = main(sys.argv[1:])
+print("MARKS", " ".join(marks))
+sys.exit(code)
+"""
+
+
+def test_the_forward_compiles_while_the_weights_load(workspace):
+    w = workspace
+    result = subprocess.run([sys.executable, "-c", COMPILE_TIMES, "segment", w["photos"], "--prompt-image",
+                             w["prompt"], "--prompt-mask", w["mask"], "--out-dir", w["out"], "--model", w["model"]],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    marks = next(line for line in result.stdout.splitlines() if line.startswith("MARKS")).split()[1:]
+    assert marks.count("forward") == 5 and "compile" in marks
+    assert "compile" not in marks[marks.index("forward"):], marks  # nothing left to compile once segmenting
+
+
 def test_binary_prompt_mask_levels_reach_the_model_as_given(workspace, monkeypatch):
     """An RGB mask with anti-aliased grey edges goes in as its own levels, as the BAAI code feeds it."""
     from seggpt_jax.inference import prompts as prompts_module
@@ -380,7 +407,9 @@ def test_video_errors(hf_tiny, tmp_path, capsys):
                                    ("--fps", "-50", "must be a positive number")):
         with pytest.raises(SystemExit) as exit_:
             main(["video", first, *base, option, value])
-        assert exit_.value.code == 2 and message in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1 and message in err, err
+        assert err.startswith(f"seggpt-jax video: error: argument {option}:")
 
 
 @pytest.mark.parametrize("command", ["segment", "video", "info", "convert", "finetune", "tune-prompt", "evaluate"])

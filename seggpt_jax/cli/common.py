@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 DEFAULT_MODEL = "BAAI/seggpt-vit-large"
@@ -45,6 +46,13 @@ def positive_float(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors in one line (argparse prints the whole usage first), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -175,6 +183,24 @@ def load_model(args: argparse.Namespace, source: str | None = None, **kwargs: An
         config=config, layout=getattr(args, "checkpoint_layout", None), **kwargs)
     status(f"loaded {name} in {time.perf_counter() - start:.1f}s")
     return model
+
+
+def compile_ahead(args: argparse.Namespace, *, queries: int, prompts: int) -> Callable[[], None]:
+    """Start compiling the first batch's forward while the weights load (see
+    :func:`seggpt_jax.inference.segmenter.compile_ahead`); returns the function that waits for it. When
+    the config cannot be read on its own (a weight file without config.json) nothing starts."""
+    from ..config import ConfigError, SegGptConfig
+    from ..inference.segmenter import compile_ahead as start
+    from ..weights import CheckpointError
+
+    try:
+        config = SegGptConfig.from_json_file(args.config) if getattr(args, "config", None) else \
+            SegGptConfig.from_pretrained(args.model, revision=args.revision, cache_dir=args.cache_dir,
+                                         local_files_only=args.local_files_only)
+    except (ConfigError, CheckpointError, OSError):
+        return lambda: None
+    return start(config, queries=queries, prompts=prompts, batch_size=getattr(args, "batch_size", None),
+                 ensemble_mode=getattr(args, "ensemble_mode", "transformers"))
 
 
 def make_segmenter(args: argparse.Namespace, model=None):

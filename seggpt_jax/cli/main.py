@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -20,10 +19,10 @@ EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> common.Parser:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = common.Parser(
         prog="seggpt-jax", formatter_class=common.HelpFormatter,
         description="SegGPT in JAX: segment images and videos from examples, fine-tune, evaluate, and convert "
                     "checkpoints.")

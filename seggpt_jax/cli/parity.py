@@ -7,15 +7,11 @@ are imported inside the functions only; nothing on the inference path imports th
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import tempfile
 
-import jax
 import numpy as np
 
 from ..nn.inputs import default_bool_masked_pos
-from ..weights.loader import flat_parameters
-from ..weights.tables import TRANSFORMERS
-from ..config import SegGptConfig
 
 
 def available() -> bool:
@@ -27,47 +23,19 @@ def available() -> bool:
     return True
 
 
-def export_to_transformers(model) -> dict[str, np.ndarray]:
-    """Our parameters under transformers' names and layouts (the TRANSFORMERS table run backwards)."""
-    from transformers import SegGptConfig as HFConfig
-    from transformers import SegGptForImageSegmentation as HFModel
-
-    import torch
-
-    with torch.device("meta"):
-        names = list(HFModel(HFConfig(**_hf_kwargs(model.config))).state_dict())
-    ours = {k: np.asarray(jax.device_get(v[...])) for k, v in flat_parameters(model).items()}
-    out = {}
-    for name in names:
-        hit = TRANSFORMERS.match(name)
-        if hit is None:
-            raise KeyError(f"no mapping for transformers parameter {name}")
-        target, transform = hit
-        out[name] = np.ascontiguousarray(transform.invert(ours[target]).astype(np.float32))
-    return out
-
-
-def _hf_kwargs(config: SegGptConfig) -> dict[str, Any]:
-    data = config.to_dict()
-    for key in ("architectures", "model_type"):
-        data.pop(key, None)
-    return data
-
-
 def transformers_model_from(model, source_dir: str | None = None):
-    """transformers' model with the same weights: read from ``source_dir`` when it is a transformers
-    folder (an independent reading of the checkpoint), else built from our exported weights."""
+    """transformers' model (float32) with the same weights: read from ``source_dir`` when it is a
+    transformers folder (an independent reading of the checkpoint), else from our weights written in
+    transformers' layout (``model.save_pretrained(tmp, layout="transformers")``)."""
     import torch
-    from transformers import SegGptConfig as HFConfig
     from transformers import SegGptForImageSegmentation as HFModel
 
     _quiet_transformers()
     if source_dir is not None:
-        return HFModel.from_pretrained(source_dir).eval()
-    hf = HFModel(HFConfig(**_hf_kwargs(model.config))).eval()
-    state = {k: torch.from_numpy(v) for k, v in export_to_transformers(model).items()}
-    hf.load_state_dict(state, strict=True)
-    return hf
+        return HFModel.from_pretrained(source_dir, dtype=torch.float32).eval()
+    with tempfile.TemporaryDirectory(prefix="seggpt-jax-parity-") as tmp:
+        model.save_pretrained(tmp, layout="transformers")
+        return HFModel.from_pretrained(tmp, dtype=torch.float32).eval()
 
 
 def _quiet_transformers() -> None:

@@ -155,7 +155,9 @@ def run_segment(args: argparse.Namespace) -> int:
         raise UserError(f"nothing to do: the outputs of all {plural(len(inputs), 'input')} exist in {args.out_dir}"
                         + (f"; {earlier} from an earlier run (pass --overwrite to replace them)" if earlier else "")
                         + (f"; {others} written by someone else (left alone)" if others else ""))
+    compiled = common.compile_ahead(args, queries=len(todo), prompts=len(prompts))  # while the weights load
     segmenter = common.make_segmenter(args)
+    compiled()
     start, written = time.perf_counter(), 0
     bar = common.progress_bar(len(todo), "image", "segment")
     results = segmenter.segment_iter([inputs[i] for i in todo], prompts, num_labels=args.num_labels,

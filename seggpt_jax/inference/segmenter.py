@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -247,8 +248,8 @@ class Segmenter:
         for rows in (rows_q, rows_pi, rows_pm, rows_type):
             rows.extend(rows[real - count:real] * ((target - real) // count))
         if (target, count) not in self.shapes_run:
-            logger.info("compiling the forward for %d rows (%d prompt%s per query); the first batch of a shape "
-                        "waits for it", target, count, "s" if count > 1 else "")
+            logger.info("first batch of %d rows (%d prompt%s per query): it compiles unless compiled before",
+                        target, count, "s" if count > 1 else "")
             self.shapes_run.add((target, count))
         out = self.model(np.stack(rows_q), np.stack(rows_pi), np.stack(rows_pm), feature_ensemble=count > 1,
                          embedding_type=np.asarray(rows_type), ensemble_mode=ensemble_mode, prompts_per_query=count)
@@ -269,6 +270,44 @@ class Segmenter:
 
         return segment_video(self, frames, prompt, context_frames=context_frames, ensemble_mode=ensemble_mode,
                              embedding_type=embedding_type, progress=progress, errors=errors)
+
+
+def compile_ahead(config, *, queries: int, prompts: int = 1, batch_size: int | None = None,
+                  ensemble_mode: str = "transformers", **model_kwargs: Any) -> Callable[[], None]:
+    """Compile, on a thread, the forward a :class:`Segmenter` will run first, from the config alone.
+
+    No weights are needed (the model is built abstractly), so this runs while the weights load; XLA keeps
+    the executable and the Segmenter's first batch does not compile again. ``model_kwargs`` are the
+    model's construction settings (``dtype``, ``param_dtype``, ``precision``, ``runtime``), as given to
+    ``from_pretrained``. Returns a function that waits for the compilation (its errors are not raised:
+    the first call would compile anyway).
+    """
+    from flax import nnx
+
+    from ..nn.inputs import prepare
+    from ..nn.models import SegGptForImageSegmentation, _forward_jit
+
+    per_batch = max(1, (batch_size or default_batch_size()) // prompts)
+    rows = min(per_batch, max(queries, 1)) * prompts
+    zeros = np.zeros((rows, config.num_channels, *config.query_size), np.float32)
+
+    def compile_first_batch() -> None:
+        abstract = nnx.eval_shape(lambda: SegGptForImageSegmentation(config, rngs=nnx.Rngs(0), **model_kwargs))
+        graphdef, state = nnx.split(abstract)
+        inputs, options = prepare(config, zeros, zeros, zeros, feature_ensemble=prompts > 1,
+                                  embedding_type=np.ones(rows, bool), ensemble_mode=ensemble_mode,
+                                  prompts_per_query=prompts)
+        _forward_jit.lower(graphdef, state, inputs, options).compile()
+
+    def run() -> None:
+        try:
+            compile_first_batch()
+        except Exception as e:  # noqa: BLE001 - only a head start: the real call compiles and reports
+            logger.debug("compiling ahead failed: %s", e)
+
+    thread = threading.Thread(target=run, name="seggpt-jax-compile", daemon=True)
+    thread.start()
+    return thread.join
 
 
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
