@@ -403,7 +403,7 @@ def test_video_errors(hf_tiny, tmp_path, capsys):
     base = ["--prompt-image", first, "--prompt-mask", first_mask, "--out-dir", str(tmp_path / "o"), "--model", model]
     assert main(["video", str(tmp_path / "nothing"), *base]) == 1
     assert "no such file or folder" in _error_lines(capsys.readouterr().err)[0]
-    for option, value, message in (("--context-frames", "-1", "must be >= 0"),
+    for option, value, message in (("--context-frames", "-1", "must be an integer >= 0"),
                                    ("--fps", "-50", "must be a positive number")):
         with pytest.raises(SystemExit) as exit_:
             main(["video", first, *base, option, value])
