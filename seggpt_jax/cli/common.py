@@ -196,6 +196,7 @@ def compile_ahead(args: argparse.Namespace, *, queries: int, prompts: int) -> Ca
                                          local_files_only=args.local_files_only)
     except (ConfigError, CheckpointError, OSError):
         return lambda: None
+    status("compiling the forward while the weights load ...")
     return start(config, queries=queries, prompts=prompts, batch_size=getattr(args, "batch_size", None),
                  ensemble_mode=getattr(args, "ensemble_mode", "transformers"))
 
