@@ -1,7 +1,7 @@
 """seggpt-jax vs transformers on identical ViT-L weights and inputs: speed, compile time, memory, parity.
 
-    python benchmarks/benchmark.py                      # CPU, float32 (add --torch-compile to time it too)
-    python benchmarks/benchmark.py --device gpu         # GPU: ours in bfloat16 (float32 params), batch >= 32
+    python -m benchmarks.benchmark                      # CPU, float32 (add --torch-compile to time it too)
+    python -m benchmarks.benchmark --device gpu         # GPU: ours in bfloat16 (float32 params), batch >= 32
 
 One run of this script measures everything side by side on one machine. transformers writes a
 random-weight ViT-L checkpoint once (``--workdir``); both sides load those weights and get the same

@@ -1,6 +1,6 @@
 """Peak host memory of ``from_pretrained`` on a full-size ViT-L checkpoint, in copies of the weights.
 
-    python benchmarks/load_memory.py [--workdir DIR] [--formats safetensors bin original]
+    python -m benchmarks.load_memory [--workdir DIR] [--formats safetensors bin original]
 
 transformers writes a random-weight ViT-L checkpoint (1.2 GB of float32) once into DIR; each format is
 then loaded in a fresh process, which reports its peak resident memory before and after loading.
@@ -52,8 +52,7 @@ def write_checkpoints(workdir: str) -> dict[str, str]:
     state = model.state_dict()
     torch.save(state, os.path.join(paths["bin"], "pytorch_model.bin"))
     os.makedirs(os.path.dirname(paths["original"]), exist_ok=True)
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-    from conftest import to_original_names  # the tests' hand-written BAAI names
+    from seggpt_jax_testing.transformers_harness import to_original_names  # the tests' hand-written BAAI names
 
     torch.save({"model": to_original_names(state)}, paths["original"])
     return paths

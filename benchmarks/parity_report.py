@@ -1,7 +1,7 @@
 """Measured parity against transformers, per stage and for gradients, on the test configs.
 
-    python benchmarks/parity_report.py               # tiny configs (seconds)
-    python benchmarks/parity_report.py --vit-large   # also the full ViT-L with random weights (minutes)
+    python -m benchmarks.parity_report               # tiny configs (seconds)
+    python -m benchmarks.parity_report --vit-large   # also the full ViT-L with random weights (minutes)
 
 transformers builds each model with random weights (the same perturbed init the tests use) and saves
 it; seggpt-jax loads it with from_pretrained; both run the same random inputs. Prints a markdown table
@@ -17,8 +17,6 @@ import sys
 import tempfile
 
 import numpy as np
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 
 def gradient_errors(hf, model, seed: int = 0) -> tuple[float, float]:
@@ -53,10 +51,11 @@ def main() -> None:
     parser.add_argument("--vit-large", action="store_true", help="also the full-size ViT-L (several minutes)")
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # a forked child must not inherit unflushed rows
-    from conftest import TINY_CONFIGS, make_hf_model
+    from seggpt_jax_testing.transformers_harness import TINY_CONFIGS, make_hf_model
     from transformers import SegGptConfig as HFConfig
 
-    from seggpt_jax import SegGptForImageSegmentation, parity
+    from seggpt_jax import SegGptForImageSegmentation
+    from seggpt_jax.cli import parity
 
     configs = dict(TINY_CONFIGS)
     if args.vit_large:

@@ -1,6 +1,6 @@
 """Peak host memory and time of reading and saving full-size ViT-L weights, per reader and per layout.
 
-    python benchmarks/weights_memory.py [--workdir DIR] [--readers pread mmap git:2d2866d] [--repeat 3]
+    python -m benchmarks.weights_memory [--workdir DIR] [--readers pread mmap git:2d2866d] [--repeat 3]
 
 transformers writes a random-weight ViT-L checkpoint (1.48 GB of float32) once into DIR. Each case runs
 in a fresh process, which resets its peak-RSS mark (``/proc/self/clear_refs``) just before the measured
