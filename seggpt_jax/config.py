@@ -13,7 +13,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ class SegGptConfig:
     a square canvas. ``mlp_dim`` defaults to ``4 * hidden_size`` as in transformers. Sequences are
     stored as tuples so that the config is hashable.
     """
+
+    model_type: ClassVar[str] = "seggpt"  # transformers' attribute, for code that reads it
 
     hidden_size: int = 1024
     num_hidden_layers: int = 24

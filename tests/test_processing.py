@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -9,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from seggpt_jax import ModelNotFoundError
 from seggpt_jax.imaging.processor import SegGptImageProcessor, build_palette
 
 try:
@@ -185,11 +193,14 @@ def test_post_processing_matches_transformers(num_labels, sizes):
     result = OURS.post_process_semantic_segmentation(_Out(pred.numpy()), target_sizes=sizes, num_labels=num_labels,
                                                      return_segmentation_scores=True)
     plain = OURS.post_process_semantic_segmentation(pred.numpy(), target_sizes=sizes, num_labels=num_labels)
-    for ref, res, seg in zip(reference, result, plain):
+    from_torch = OURS.post_process_semantic_segmentation(_Out(pred), sizes, num_labels=num_labels)
+    from_jax = OURS.post_process_semantic_segmentation(_Out(jnp.asarray(pred.numpy())), sizes, num_labels=num_labels)
+    for ref, res, seg, seg_torch, seg_jax in zip(reference, result, plain, from_torch, from_jax):
         expected = ref["segmentation"].numpy()
         assert res["segmentation"].dtype == expected.dtype and res["segmentation"].shape == expected.shape
-        np.testing.assert_array_equal(res["segmentation"], expected)
-        np.testing.assert_array_equal(seg, expected)
+        for segmentation in (res["segmentation"], seg, seg_torch, seg_jax):
+            assert isinstance(segmentation, np.ndarray)
+            np.testing.assert_array_equal(segmentation, expected)
         if num_labels is None:
             assert res["segmentation_scores"] is None
         else:
@@ -208,7 +219,10 @@ def test_post_processing_matches_transformers(num_labels, sizes):
     (dict(images=np.zeros((0, 4, 3), np.uint8)), r"is empty"),
     (dict(images=np.full((4, 4), 70000, np.int64)), r"pixel values up to 70000"),
     (dict(), r"at least one of images, prompt_images, prompt_masks"),
-    (dict(images=np.zeros((4, 4, 3), np.uint8), return_tensors="pt"), r"return_tensors must be None, 'np' or 'jax'"),
+    (dict(images=np.zeros((4, 4, 3), np.uint8), return_tensors="tf"),
+     r"return_tensors must be None, 'np', 'jax' or 'pt'"),
+    (dict(images=np.zeros((4, 4, 3), np.uint8), size=(0, 4)), r"size must be a positive int"),
+    (dict(prompt_masks=np.zeros((4, 4)), segmentation_maps=np.zeros((4, 4))), r"prompt_masks or segmentation_maps"),
 ])
 def test_errors_name_the_problem(problem, message):
     with pytest.raises(ValueError, match=message):
@@ -247,3 +261,160 @@ def test_property_any_layout_and_dtype_equals_the_uint8_image(height, width, see
 def test_property_label_maps(height, width, num_labels, seed):
     labels = np.random.default_rng(seed).integers(0, num_labels + 1, (height, width))
     assert_same(ours(prompt_masks=labels, num_labels=num_labels), theirs(prompt_masks=labels, num_labels=num_labels))
+
+
+# ------------------------------------------------------------------------ transformers' API around the processor
+@pytest.mark.parametrize("options, message", [
+    (dict(do_resize="yes"), r"do_resize must be true or false, got 'yes'"),
+    (dict(size={"shortest_edge": 448}), r"size must be a positive int, \(height, width\) or"),
+    (dict(size=(448.0, 448)), r"size must be a positive int"),
+    (dict(resample=9), r"resample must be one of 0 \(NEAREST\), 1 \(LANCZOS\), 2 \(BILINEAR\), 3 \(BICUBIC\)"),
+    (dict(rescale_factor=0), r"rescale_factor must be a positive number, got 0"),
+    (dict(image_mean=[0.5, 0.5]), r"image_mean must be a number or 3 numbers"),
+    (dict(image_std=[0.2, 0.0, 0.2]), r"image_std must be non-zero"),
+    (dict(image_std=float("nan")), r"image_std must be a number or 3 numbers"),
+    (dict(num_labels=1.5), r"num_labels must be a non-negative integer"),
+])
+def test_invalid_options_are_refused_naming_the_key(options, message):
+    with pytest.raises(ValueError, match=message):
+        SegGptImageProcessor(**options)
+    with pytest.raises(ValueError, match=message):  # per call too
+        OURS(images=np.zeros((4, 4, 3), np.uint8), **options)
+
+
+def _write_config(folder, data) -> str:
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "preprocessor_config.json")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+def test_from_pretrained_reads_transformers_keys_and_refuses_bad_values(tmp_path, caplog):
+    folder = str(tmp_path / "model")
+    path = _write_config(folder, {"size": {"height": 64, "width": 32}, "image_processor_type": "SegGptImageProcessor",
+                                  "do_normalize": False, "resample": 2, "crop_size": 3, "num_labels": None})
+    with caplog.at_level("DEBUG", logger="seggpt_jax.imaging.processor"):
+        processor = SegGptImageProcessor.from_pretrained(folder)
+    assert "crop_size" in caplog.text and "image_processor_type" not in caplog.text  # unknown keys: debug log only
+    expected = {**SegGptImageProcessor().to_dict(), "size": {"height": 64, "width": 32}, "do_normalize": False,
+                "resample": 2}
+    theirs = HFProcessor.from_pretrained(folder).to_dict()
+    assert theirs.pop("crop_size") == {"height": 3, "width": 3}  # transformers keeps what it does not use
+    assert processor.to_dict() == expected == theirs | {"image_mean": list(theirs["image_mean"]),
+                                                        "image_std": list(theirs["image_std"])}
+    assert SegGptImageProcessor.from_pretrained(path).to_dict() == expected  # the file itself
+    overridden = SegGptImageProcessor.from_pretrained(folder, size=16, num_labels=4)
+    assert overridden.size == {"height": 16, "width": 16} and overridden.num_labels == 4 and not overridden.do_normalize
+    with pytest.raises(TypeError, match="unknown SegGptImageProcessor arguments: \\['do_resise'\\]"):
+        SegGptImageProcessor.from_pretrained(folder, do_resise=False)
+
+    _write_config(folder, {"size": {"height": 64, "width": 32}, "image_mean": [0.5, "x", 0.5]})
+    with pytest.raises(ValueError, match=r"^invalid .*preprocessor_config.json: image_mean must be a number or 3"):
+        SegGptImageProcessor.from_pretrained(folder)
+    _write_config(folder, '{"size": ')
+    with pytest.raises(ValueError, match=r"preprocessor_config.json is not valid JSON"):
+        SegGptImageProcessor.from_pretrained(folder)
+    _write_config(folder, "[1, 2]")
+    with pytest.raises(ValueError, match=r"preprocessor_config.json must hold a JSON object, got list"):
+        SegGptImageProcessor.from_pretrained(folder)
+
+
+def test_from_pretrained_without_the_file_uses_the_defaults(tmp_path, caplog):
+    (tmp_path / "config.json").write_text("{}")
+    with caplog.at_level("INFO", logger="seggpt_jax.imaging.processor"):
+        processor = SegGptImageProcessor.from_pretrained(tmp_path)
+    assert "has no preprocessor_config.json: using the default processor settings" in caplog.text
+    assert processor.to_dict() == SegGptImageProcessor().to_dict()
+    with pytest.raises(ModelNotFoundError, match="no such file or directory"):
+        SegGptImageProcessor.from_pretrained(tmp_path / "missing")
+
+
+def test_save_pretrained_writes_what_transformers_writes(tmp_path):
+    options = dict(size={"height": 64, "width": 32}, resample=Image.NEAREST, image_mean=[0.1, 0.2, 0.3],
+                   image_std=[0.4, 0.5, 0.6], do_convert_rgb=False, num_labels=7, rescale_factor=1 / 127.5)
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "ours" / "notes.txt").write_text("mine")
+    path = SegGptImageProcessor(**options).save_pretrained(tmp_path / "ours")
+    HFProcessor(**options).save_pretrained(tmp_path / "theirs")
+    assert json.loads(open(path).read()) == json.loads((tmp_path / "theirs" / "preprocessor_config.json").read_text())
+    assert sorted(os.listdir(tmp_path / "ours")) == ["notes.txt", "preprocessor_config.json"]  # nothing else touched
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        SegGptImageProcessor().save_pretrained(tmp_path / "ours" / "notes.txt")
+
+
+def test_return_tensors_pt_and_batch_feature_to():
+    image = _rgb(30, 40, 3)
+    out = OURS(images=image, prompt_masks=image[..., 0] > 100, return_tensors="pt")
+    reference = THEIRS(image, prompt_masks=(image[..., 0] > 100).astype(np.uint8) * 255, return_tensors="pt")
+    for key in reference:
+        assert isinstance(out[key], torch.Tensor) and out[key].dtype == torch.float32
+        torch.testing.assert_close(out[key], reference[key], atol=1e-6, rtol=0)
+    half = out.to(torch.float16)
+    assert half.pixel_values.dtype == torch.float16 and list(half) == list(out)
+    assert OURS(images=image, return_tensors="np").to("cpu")["pixel_values"].dtype == np.float32
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
+
+
+def test_torch_is_imported_only_when_asked_for():
+    result = _python("""
+        import sys
+        import numpy as np
+        from seggpt_jax import SegGptImageProcessor
+        processor = SegGptImageProcessor(size=32)
+        image = np.zeros((20, 30, 3), np.uint8)
+        for kind in (None, "np", "jax"):
+            processor(images=image, prompt_masks=image[..., 0], num_labels=2, return_tensors=kind)
+        processor.post_process_semantic_segmentation(np.zeros((1, 3, 64, 32), np.float32), [(5, 6)], num_labels=2)
+        print("before", "torch" in sys.modules)
+        processor(images=image, return_tensors="pt")
+        print("after", "torch" in sys.modules)
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["before", "False", "after", "True"]
+
+
+def test_return_tensors_pt_without_torch_says_what_to_do():
+    result = _python("""
+        import sys
+        sys.modules["torch"] = None  # as if torch were not installed
+        import numpy as np
+        from seggpt_jax import SegGptImageProcessor
+        SegGptImageProcessor()(images=np.zeros((4, 4, 3), np.uint8), return_tensors="pt")
+    """)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        'ImportError: return_tensors="pt" needs torch, which is not installed: use return_tensors="np" or "jax", '
+        'or install torch')
+
+
+@pytest.mark.parametrize("num_labels", [None, 1, 3, 103])
+def test_get_palette_and_mask_to_rgb_as_transformers(num_labels):
+    mask = np.random.default_rng(num_labels or 0).integers(0, (num_labels or 255) + 1, (13, 17))
+    palette = OURS.get_palette(num_labels) if num_labels is not None else None
+    if num_labels is not None:
+        assert palette == THEIRS.get_palette(num_labels)
+    expected = THEIRS.mask_to_rgb(mask, palette=palette)
+    for variant in (mask, mask[None], torch.from_numpy(mask), jnp.asarray(mask)):
+        rgb = OURS.mask_to_rgb(variant, palette=palette)
+        assert rgb.shape == (3, 13, 17) and rgb.dtype == np.uint8
+        np.testing.assert_array_equal(rgb, expected)
+    custom = [(1, 2, 3), (40, 50, 60), (255, 0, 9)]
+    small = mask % 3
+    np.testing.assert_array_equal(OURS.mask_to_rgb(small, custom), THEIRS.mask_to_rgb(small, custom))
+
+
+def test_mask_to_rgb_refuses_what_transformers_gets_wrong():
+    with pytest.raises(ValueError, match=r"mask \(ndarray of shape \(1, 2\)\) has labels \[4\] above num_labels=3"):
+        OURS.mask_to_rgb(np.array([[0, 4]]), OURS.get_palette(3))  # transformers: IndexError
+    with pytest.raises(ValueError, match="negative labels"):
+        OURS.mask_to_rgb(np.array([[0, -1]]), OURS.get_palette(3))  # transformers: the last colour
+    with pytest.raises(ValueError, match=r"labels up to 300; without num_labels"):
+        OURS.mask_to_rgb(np.array([[0, 300]]))
+    with pytest.raises(ValueError, match=r"palette must be a list of \(R, G, B\) colours"):
+        OURS.mask_to_rgb(np.array([[0, 1]]), [(0, 0), (1, 1)])
+    with pytest.raises(ValueError, match=r"mask must be \[height, width\]"):
+        OURS.mask_to_rgb(np.zeros((2, 3, 4), np.int64))

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..nn.inputs import from_torch
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 CHANNELS_FIRST, CHANNELS_LAST = "channels_first", "channels_last"
 
@@ -66,13 +68,7 @@ def open_image(path: str | os.PathLike) -> Image.Image:
 
 def to_numpy(value: Any) -> np.ndarray:
     """numpy, jax or torch (CPU or not, bfloat16 too) -> numpy."""
-    if isinstance(value, np.ndarray):
-        return value
-    if hasattr(value, "detach"):  # torch
-        value = value.detach().cpu()
-        if str(value.dtype) == "torch.bfloat16":
-            value = value.float()
-    return np.asarray(value)
+    return value if isinstance(value, np.ndarray) else np.asarray(from_torch(value))
 
 
 def integral_to_uint8(array: np.ndarray, what: str) -> np.ndarray:

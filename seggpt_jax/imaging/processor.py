@@ -16,11 +16,19 @@ differences that remain:
 * masks that hold only 0 and 1 (and bool masks) are scaled to 0/255 in binary mode (transformers
   feeds 0/1, a black mask);
 * a label above ``num_labels``, a negative or non-integer label, or a colour outside the palette
-  raises an error that names the mask (transformers raises ``IndexError`` or wraps negative labels).
+  raises an error that names the mask (transformers raises ``IndexError`` or wraps negative labels);
+* ``segmentation_maps=`` (the name in the BAAI/seggpt-vit-large model card) is accepted as
+  ``prompt_masks=`` (transformers 5 refuses it);
+* post-processing returns numpy arrays (transformers: torch tensors), whatever the outputs hold;
+* ``from_pretrained`` on a folder without ``preprocessor_config.json`` uses the defaults (transformers
+  raises); invalid values in the file are refused naming the key (transformers fails later, or not).
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -28,8 +36,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .decode import describe, to_numpy, to_rgb_uint8
-from .masks import ColourMap, build_palette, prompt_picture
+from ..files import atomic_save
+from .decode import to_numpy, to_rgb_uint8
+from .masks import ColourMap, build_palette, class_ids, labels_to_rgb, prompt_picture
+
+logger = logging.getLogger(__name__)
+
+PROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,6 +55,11 @@ class ProcessorOutput(dict):
             return self[name]
         except KeyError:
             raise AttributeError(name) from None
+
+    def to(self, *args: Any, **kwargs: Any) -> "ProcessorOutput":
+        """transformers' ``BatchFeature.to``: torch tensors moved or cast (``.to("cuda")``,
+        ``.to(torch.float16)``); numpy and jax arrays are returned as they are."""
+        return ProcessorOutput({k: v.to(*args, **kwargs) if hasattr(v, "to") else v for k, v in self.items()})
 
 
 # ------------------------------------------------------------------------------------ the processor
@@ -59,43 +77,176 @@ def _as_list(value: Any) -> list:
     return [value]
 
 
+#: transformers' processor options and their defaults (``SegGptImageProcessor``'s class attributes).
+DEFAULTS: dict[str, Any] = {
+    "do_resize": True, "size": {"height": 448, "width": 448}, "resample": Image.Resampling.BICUBIC,
+    "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": IMAGENET_MEAN,
+    "image_std": IMAGENET_STD, "do_convert_rgb": True, "num_labels": None,
+}
+#: The filters transformers' ``resample`` names (``PILImageResampling``), by value.
+_FILTERS = {int(f): f for f in (Image.Resampling.NEAREST, Image.Resampling.LANCZOS, Image.Resampling.BILINEAR,
+                                Image.Resampling.BICUBIC, Image.Resampling.BOX, Image.Resampling.HAMMING)}
+#: Keys transformers writes into ``preprocessor_config.json`` that are not options.
+_META_KEYS = frozenset({"image_processor_type", "processor_class"})
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+            and math.isfinite(value))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _size(value: Any) -> dict[str, int]:
+    if _is_int(value):
+        height = width = value
+    elif isinstance(value, dict) and set(value) == {"height", "width"}:
+        height, width = value["height"], value["width"]
+    elif isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
+        height, width = value
+    else:
+        height = width = None
+    if not (_is_int(height) and _is_int(width) and height > 0 and width > 0):
+        raise ValueError(f"size must be a positive int, (height, width) or {{'height': h, 'width': w}}, got {value!r}")
+    return {"height": int(height), "width": int(width)}
+
+
+def _channels(key: str, value: Any) -> tuple[float, float, float]:
+    if _is_number(value):
+        values = (float(value),) * 3
+    elif (isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, str) and len(value) == 3
+          and all(_is_number(v) for v in value)):
+        values = tuple(float(v) for v in value)
+    else:
+        raise ValueError(f"{key} must be a number or 3 numbers (one per RGB channel), got {value!r}")
+    if key == "image_std" and 0 in values:
+        raise ValueError(f"image_std must be non-zero, got {value!r}")
+    return values
+
+
+def _option(key: str, value: Any) -> Any:
+    """One processor option, checked and normalised; errors name the key."""
+    if key in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
+        if not isinstance(value, (bool, np.bool_)):
+            raise ValueError(f"{key} must be true or false, got {value!r}")
+        return bool(value)
+    if key == "size":
+        return _size(value)
+    if key == "resample":
+        if not _is_int(value) or int(value) not in _FILTERS:
+            names = ", ".join(f"{n} ({f.name})" for n, f in sorted(_FILTERS.items()))
+            raise ValueError(f"resample must be one of {names}, got {value!r}")
+        return _FILTERS[int(value)]
+    if key == "rescale_factor":
+        if not _is_number(value) or value <= 0:
+            raise ValueError(f"rescale_factor must be a positive number, got {value!r}")
+        return float(value)
+    if key in ("image_mean", "image_std"):
+        return _channels(key, value)
+    # num_labels
+    if value is not None:
+        build_palette(value)  # raises naming num_labels
+    return None if value is None else int(value)
+
+
 class SegGptImageProcessor:
     """Prepares queries, prompt images and prompt masks for the model; turns its output into class maps.
 
-    Constructor arguments and defaults are those of ``transformers.SegGptImageProcessor``.
+    Constructor arguments and defaults are those of ``transformers.SegGptImageProcessor``;
+    :meth:`from_pretrained` and :meth:`save_pretrained` read and write its ``preprocessor_config.json``.
     """
 
     def __init__(self, do_resize: bool = True, size: dict[str, int] | int | Sequence[int] | None = None,
-                 resample: int = Image.BICUBIC, do_rescale: bool = True, rescale_factor: float = 1 / 255,
-                 do_normalize: bool = True, image_mean: float | Sequence[float] | None = None,
-                 image_std: float | Sequence[float] | None = None, do_convert_rgb: bool = True,
-                 num_labels: int | None = None, **kwargs: Any):
+                 resample: int = Image.Resampling.BICUBIC, do_rescale: bool = True,
+                 rescale_factor: float = 1 / 255, do_normalize: bool = True,
+                 image_mean: float | Sequence[float] | None = None, image_std: float | Sequence[float] | None = None,
+                 do_convert_rgb: bool = True, num_labels: int | None = None, **kwargs: Any):
         if kwargs:
             raise TypeError(f"unknown SegGptImageProcessor arguments: {sorted(kwargs)}")
-        self.do_resize = do_resize
-        self.size = self._size(size if size is not None else {"height": 448, "width": 448})
-        self.resample = resample
-        self.do_rescale = do_rescale
-        self.rescale_factor = rescale_factor
-        self.do_normalize = do_normalize
-        self.image_mean = tuple(image_mean) if isinstance(image_mean, Sequence) else (
-            IMAGENET_MEAN if image_mean is None else (float(image_mean),) * 3)
-        self.image_std = tuple(image_std) if isinstance(image_std, Sequence) else (
-            IMAGENET_STD if image_std is None else (float(image_std),) * 3)
-        self.do_convert_rgb = do_convert_rgb
-        self.num_labels = num_labels
-        if num_labels is not None:
-            build_palette(num_labels)  # validates
+        given = dict(do_resize=do_resize, size=size, resample=resample, do_rescale=do_rescale,
+                     rescale_factor=rescale_factor, do_normalize=do_normalize, image_mean=image_mean,
+                     image_std=image_std, do_convert_rgb=do_convert_rgb, num_labels=num_labels)
+        for key, value in given.items():  # None: transformers' default
+            setattr(self, key, _option(key, DEFAULTS[key] if value is None else value))
 
-    @staticmethod
-    def _size(size: Any) -> dict[str, int]:
-        if isinstance(size, int):
-            return {"height": size, "width": size}
-        if isinstance(size, dict) and set(size) == {"height", "width"}:
-            return {"height": int(size["height"]), "width": int(size["width"])}
-        if isinstance(size, Sequence) and len(size) == 2:
-            return {"height": int(size[0]), "width": int(size[1])}
-        raise ValueError(f"size must be an int, (height, width) or {{'height': h, 'width': w}}, got {size!r}")
+    # -------------------------------------------------------------------------- preprocessor_config.json
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, revision: str | None = None,
+                        cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+                        token: str | bool | None = None, **overrides: Any) -> "SegGptImageProcessor":
+        """Read transformers' ``preprocessor_config.json`` from a local folder (or the folder of a file
+        in it, or the ``.json`` file itself) or a Hub repo id, through the huggingface_hub cache with
+        the offline detection, cache fallback and errors of ``SegGptForImageSegmentation.from_pretrained``.
+
+        A folder or repo without the file gives the defaults (logged). Keys that are not options are
+        ignored (logged at debug level). ``overrides`` (constructor arguments) replace the file's values.
+
+        Raises:
+            ModelNotFoundError: the folder does not exist, or the repo is neither on the Hub nor cached.
+            ValueError: the file is not a JSON object, or holds an invalid value (naming the file and key).
+        """
+        from ..weights.hub import resolve_file
+
+        path = os.path.expanduser(os.fspath(name_or_path))
+        if not (os.path.isfile(path) and path.endswith(".json")):
+            path = resolve_file(path, PROCESSOR_CONFIG_NAME, revision=revision, cache_dir=cache_dir,
+                                local_files_only=local_files_only, token=token, required=False)
+        if path is None:
+            logger.info("%s has no %s: using the default processor settings", os.fspath(name_or_path),
+                        PROCESSOR_CONFIG_NAME)
+            return cls(**overrides)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(DEFAULTS) - _META_KEYS)
+        if unknown:
+            logger.debug("ignoring keys of %s that are not SegGPT processor options: %s", path, ", ".join(unknown))
+        kind = data.get("image_processor_type")
+        if kind is not None and not str(kind).startswith("SegGptImageProcessor"):
+            logger.warning("%s is for %s, not SegGptImageProcessor; reading its SegGPT options anyway", path, kind)
+        try:
+            options = {key: _option(key, value) for key, value in data.items() if key in DEFAULTS and value is not None}
+        except ValueError as e:
+            raise ValueError(f"invalid {path}: {e}") from None
+        return cls(**{**options, **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options under transformers' ``preprocessor_config.json`` keys (what transformers writes)."""
+        out: dict[str, Any] = {
+            "do_convert_rgb": self.do_convert_rgb, "do_normalize": self.do_normalize, "do_rescale": self.do_rescale,
+            "do_resize": self.do_resize, "image_mean": list(self.image_mean),
+            "image_processor_type": "SegGptImageProcessor", "image_std": list(self.image_std),
+            "resample": int(self.resample), "rescale_factor": self.rescale_factor, "size": dict(self.size),
+        }
+        if self.num_labels is not None:
+            out["num_labels"] = self.num_labels
+        return out
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
+        """Write ``preprocessor_config.json`` into ``save_directory`` (created if needed) atomically,
+        leaving its other files alone; transformers' ``from_pretrained`` reads it. Returns its path."""
+        directory = os.fspath(save_directory)
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise NotADirectoryError(f"save_pretrained needs a directory, but {directory} is a file")
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, PROCESSOR_CONFIG_NAME)
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+
+        atomic_save(path, write)
+        return path
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__} {json.dumps(self.to_dict(), indent=2, sort_keys=True)}"
 
     # -------------------------------------------------------------------------- preprocessing
     def __call__(self, images: Any = None, prompt_images: Any = None, prompt_masks: Any = None,
@@ -103,36 +254,40 @@ class SegGptImageProcessor:
         return self.preprocess(images, prompt_images, prompt_masks, **kwargs)
 
     def preprocess(self, images: Any = None, prompt_images: Any = None, prompt_masks: Any = None, *,
-                   do_resize: bool | None = None, size: Any = None, resample: int | None = None,
-                   do_rescale: bool | None = None, rescale_factor: float | None = None,
+                   segmentation_maps: Any = None, do_resize: bool | None = None, size: Any = None,
+                   resample: int | None = None, do_rescale: bool | None = None, rescale_factor: float | None = None,
                    do_normalize: bool | None = None, image_mean: Any = None, image_std: Any = None,
                    do_convert_rgb: bool | None = None, num_labels: int | None = None,
                    return_tensors: str | None = None, input_data_format: str | None = None,
                    colour_map: ColourMap | dict | str | None = None) -> ProcessorOutput:
         """Each argument may be one image or a list (paths, PIL images, numpy/torch arrays HWC or CHW).
 
+        ``segmentation_maps`` is ``prompt_masks`` under the name of the BAAI/seggpt-vit-large model card.
         ``colour_map`` (ours): an explicit colour -> class id mapping for RGB prompt masks in another
         palette (see :class:`~seggpt_jax.imaging.masks.ColourMap`; ``"voc"`` for PASCAL VOC colours).
 
         Returns ``pixel_values``, ``prompt_pixel_values``, ``prompt_masks`` for the inputs given, as
-        ``[N, 3, H, W]`` float32 arrays (``return_tensors="np"`` or ``"jax"``) or lists of arrays (None).
+        ``[N, 3, H, W]`` float32 arrays (``return_tensors="np"``, ``"jax"``, or ``"pt"`` for torch
+        tensors) or lists of arrays (None). torch is imported only for ``"pt"``.
         """
+        if segmentation_maps is not None:
+            if prompt_masks is not None:
+                raise ValueError("give prompt_masks or segmentation_maps (its older name), not both")
+            prompt_masks = segmentation_maps
         if images is None and prompt_images is None and prompt_masks is None:
             raise ValueError("at least one of images, prompt_images, prompt_masks must be given")
-        if return_tensors not in (None, "np", "jax"):
-            raise ValueError(f"return_tensors must be None, 'np' or 'jax', got {return_tensors!r}")
-        options = dict(
-            do_resize=self.do_resize if do_resize is None else do_resize,
-            size=self.size if size is None else self._size(size),
-            resample=self.resample if resample is None else resample,
-            do_rescale=self.do_rescale if do_rescale is None else do_rescale,
-            rescale_factor=self.rescale_factor if rescale_factor is None else rescale_factor,
-            do_normalize=self.do_normalize if do_normalize is None else do_normalize,
-            image_mean=self.image_mean if image_mean is None else image_mean,
-            image_std=self.image_std if image_std is None else image_std,
-        )
-        convert = self.do_convert_rgb if do_convert_rgb is None else do_convert_rgb
-        labels = self.num_labels if num_labels is None else num_labels
+        if return_tensors not in (None, "np", "jax", "pt"):
+            raise ValueError(f"return_tensors must be None, 'np', 'jax' or 'pt', got {return_tensors!r}")
+        if return_tensors == "pt":
+            try:
+                import torch
+            except ImportError:
+                raise ImportError('return_tensors="pt" needs torch, which is not installed: use return_tensors="np" '
+                                  'or "jax", or install torch') from None
+        given = dict(do_resize=do_resize, size=size, resample=resample, do_rescale=do_rescale,
+                     rescale_factor=rescale_factor, do_normalize=do_normalize, image_mean=image_mean,
+                     image_std=image_std, do_convert_rgb=do_convert_rgb, num_labels=num_labels)
+        options = {key: getattr(self, key) if value is None else _option(key, value) for key, value in given.items()}
         out = ProcessorOutput()
         for key, value in (("pixel_values", images), ("prompt_pixel_values", prompt_images)):
             if value is not None:
@@ -143,8 +298,8 @@ class SegGptImageProcessor:
             rgb = []
             for i, mask in enumerate(_as_list(prompt_masks)):
                 what = f"prompt_masks[{i}]"
-                if convert:  # the mask rule: binary levels, or class ids painted with the palette
-                    rgb.append(prompt_picture(mask, labels, colour_map=colour_map, what=what))
+                if options["do_convert_rgb"]:  # the mask rule: binary levels, or class ids painted with the palette
+                    rgb.append(prompt_picture(mask, options["num_labels"], colour_map=colour_map, what=what))
                 else:  # RGB pictures as given, as transformers
                     rgb.append(to_rgb_uint8(mask, input_data_format, what=what))
             out["prompt_masks"] = [self._finish(m, True, options) for m in rgb]
@@ -159,6 +314,8 @@ class SegGptImageProcessor:
                     import jax.numpy as jnp
 
                     stacked = jnp.asarray(stacked)
+                elif return_tensors == "pt":
+                    stacked = torch.from_numpy(stacked)
                 out[key] = stacked
         return out
 
@@ -187,13 +344,14 @@ class SegGptImageProcessor:
     def post_process_semantic_segmentation(self, outputs: Any, target_sizes: Sequence[Sequence[int]] | None = None,
                                            num_labels: int | None = None,
                                            return_segmentation_scores: bool = False) -> list:
-        """Painted query halves -> class maps, as transformers' method (numpy in, numpy out).
+        """Painted query halves -> class maps, as transformers' method (numpy arrays out).
 
-        ``outputs`` is the model output (anything with ``pred_masks``) or the ``[B, 3, H, W]`` array
-        itself. Each map is ``[h, w]``: int64 class ids (nearest palette colour) with ``num_labels``,
-        else the int32 grey level; at ``target_sizes[i]`` (torch ``nearest``) if given. With
-        ``return_segmentation_scores`` each item is ``{"segmentation", "segmentation_scores"}``, the
-        scores being ``-squared distance`` to each palette colour, ``[num_labels + 1, h, w]``.
+        ``outputs`` is the model output (anything with ``pred_masks``: ours, or transformers' holding
+        torch tensors) or the ``[B, 3, H, W]`` array itself (numpy, jax or torch). Each map is
+        ``[h, w]``: int64 class ids (nearest palette colour) with ``num_labels``, else the int32 grey
+        level; at ``target_sizes[i]`` (torch ``nearest``) if given. With ``return_segmentation_scores``
+        each item is ``{"segmentation", "segmentation_scores"}``, the scores being ``-squared
+        distance`` to each palette colour, ``[num_labels + 1, h, w]``.
         """
         masks = painted_query(outputs, self.image_mean, self.image_std)  # [B, 3, h, w] float32 in [0, 255]
         if target_sizes is not None and len(target_sizes) != len(masks):
@@ -211,6 +369,28 @@ class SegGptImageProcessor:
             results.append({"segmentation": segmentation, "segmentation_scores": scores}
                            if return_segmentation_scores else segmentation)
         return results
+
+    def get_palette(self, num_labels: int) -> list[tuple[int, int, int]]:
+        """transformers' ``get_palette``: the colour of each class id ``0..num_labels`` (0 = background, black)."""
+        return build_palette(num_labels)
+
+    def mask_to_rgb(self, mask: Any, palette: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+        """transformers' ``mask_to_rgb``: a ``[H, W]`` (or ``[1, H, W]``) class-id map -> ``[3, H, W]`` uint8,
+        the ``palette`` colour of each id, or without a palette the id repeated as a grey level.
+
+        Unlike transformers, ids outside the palette (or above 255 without one) raise an error."""
+        mask = to_numpy(mask)
+        if mask.ndim == 3 and mask.shape[0] == 1:
+            mask = mask[0]
+        if mask.ndim != 2:
+            raise ValueError(f"mask must be [height, width] or [1, height, width], got shape {mask.shape}")
+        if palette is None:
+            return np.ascontiguousarray(labels_to_rgb(mask, None, what="mask").transpose(2, 0, 1))
+        colours = np.asarray(palette)
+        if colours.ndim != 2 or colours.shape[1] != 3 or not len(colours) or colours.min() < 0 or colours.max() > 255:
+            raise ValueError(f"palette must be a list of (R, G, B) colours in 0..255, got shape {colours.shape}")
+        ids = class_ids(mask, len(colours) - 1, what="mask")
+        return np.ascontiguousarray(colours.astype(np.uint8)[ids].transpose(2, 0, 1))
 
 
 def _target_size(size: Any) -> tuple[int, int]:

@@ -31,16 +31,26 @@ class ForwardOptions:
     prompts_per_query: int | None = None
 
 
+def from_torch(value: Any) -> Any:
+    """A torch tensor (any device, bfloat16, requiring grad) as a numpy array, without importing torch;
+    anything else as it is."""
+    if not hasattr(value, "detach"):
+        return value
+    value = value.detach().cpu()
+    return (value.float() if str(value.dtype) == "torch.bfloat16" else value).numpy()
+
+
 def _as_float_array(name: str, value: Any, expected: tuple[int, ...]) -> jax.Array | np.ndarray:
     if value is None:
         raise ValueError(f"{name} is required")
+    value = from_torch(value)
     if not hasattr(value, "shape") or not hasattr(value, "dtype"):
         try:
             value = np.asarray(value)
         except Exception as e:  # pragma: no cover - exotic inputs
             raise TypeError(f"{name} must be an array, got {type(value).__name__}") from e
     if not isinstance(value, (jax.Array, np.ndarray)):
-        value = np.asarray(value)  # torch tensors and other array-likes
+        value = np.asarray(value)  # other array-likes
     shape = tuple(value.shape)
     if len(shape) != 4:
         raise ValueError(f"{name} must be a 4-D NCHW array (batch, {expected[0]}, {expected[1]}, {expected[2]}), "
@@ -77,6 +87,7 @@ def _bool_masked_pos(value: Any, config: SegGptConfig, batch: int):
     n = config.num_patches
     if value is None:
         return default_bool_masked_pos(config)
+    value = from_torch(value)
     if not isinstance(value, (jax.Array, np.ndarray)):
         value = np.asarray(value)
     shape = tuple(value.shape)

@@ -19,7 +19,10 @@ Known differences from transformers:
   transformers' behaviour, including its quirks.
 * ``prompts_per_query`` generalises the ensemble to a batch of several queries (groups of
   consecutive samples); transformers always ensembles the whole batch.
-* ``output_attentions`` is not offered; ``hidden_dropout_prob`` is, as in transformers, unused.
+* ``output_attentions=True`` is refused (the fast attention paths never hold the weights);
+  ``hidden_dropout_prob`` is, as in transformers, unused.
+* Inputs may be numpy, jax or torch arrays; outputs are jax arrays. ``return_dict=False`` and
+  ``to_tuple()`` give transformers' tuples; ``model.eval()`` returns the model unchanged.
 """
 
 from __future__ import annotations
@@ -56,6 +59,15 @@ class SegGptImageSegmentationOutput(ModelOutput):
     pred_masks: Array | None = None
     hidden_states: tuple[Array, ...] | None = None
     intermediate_hidden_states: tuple[Array, ...] | None = None
+
+    def to_tuple(self) -> tuple:
+        """transformers' tuple (``return_dict=False``): those of ``loss, pred_masks, hidden_states`` that
+        are set, in that order (``intermediate_hidden_states`` is ours, not in transformers' output)."""
+        return tuple(value for value in (self.loss, self.pred_masks, self.hidden_states) if value is not None)
+
+    def __getitem__(self, key: str | int | slice) -> Any:
+        """``out["pred_masks"]``, or as transformers ``out[0]``: an index into :meth:`to_tuple`."""
+        return self.to_tuple()[key] if isinstance(key, (int, slice)) else super().__getitem__(key)
 
 
 def _nchw_to_nhwc(x: Array, dtype: Any) -> Array:
@@ -94,10 +106,18 @@ class _Model(PretrainedMixin):
         self.config = config
         self.settings = ModelSettings(dtype=dtype, precision=precision, runtime=runtime)
 
-    def _run(self, *args: Any, **kwargs: Any) -> Any:
+    def _run(self, *args: Any, output_attentions: bool | None, **kwargs: Any) -> Any:
+        if output_attentions:
+            raise ValueError("output_attentions=True is not supported: the fast attention paths never hold the "
+                             "(heads, N, N) attention weights")
         inputs, options = prepare(self.config, *args, **kwargs)
         graphdef, state = nnx.split(self)
         return _forward_jit(graphdef, state, inputs, options)
+
+    def eval(self: M) -> M:
+        """For code written for transformers' ``model.eval()``: returns this model, unchanged (a call is
+        inference unless it is given a ``dropout_rng``)."""
+        return self
 
     def with_settings(self: M, *, shared: bool = False, **changes: Any) -> M:
         """A new model over the same parameter arrays with other settings: ``dtype=`` (compute dtype),
@@ -143,12 +163,21 @@ class SegGptModel(_Model, SegGptBackbone):
         return self.encode(inputs, options, self.settings)
 
     def __call__(self, pixel_values, prompt_pixel_values, prompt_masks, bool_masked_pos=None,
-                 feature_ensemble: bool = False, embedding_type: Any = "instance", labels=None,
-                 ensemble_mode: str = "transformers", output_hidden_states: bool = False, *,
-                 prompts_per_query: int | None = None, dropout_rng: Array | None = None) -> SegGptEncoderOutput:
-        """Same arguments as :meth:`SegGptForImageSegmentation.__call__`; runs the jitted encoder."""
-        return self._run(pixel_values, prompt_pixel_values, prompt_masks, bool_masked_pos, feature_ensemble,
-                         embedding_type, labels, ensemble_mode, output_hidden_states, prompts_per_query, dropout_rng)
+                 feature_ensemble: bool | None = False, embedding_type: Any = "instance", labels=None,
+                 output_attentions: bool | None = None, output_hidden_states: bool | None = False,
+                 return_dict: bool | None = None, *, ensemble_mode: str = "transformers",
+                 prompts_per_query: int | None = None,
+                 dropout_rng: Array | None = None) -> SegGptEncoderOutput | tuple:
+        """Same arguments as :meth:`SegGptForImageSegmentation.__call__`; runs the jitted encoder.
+        ``return_dict=False``: transformers' tuple, the set fields of ``last_hidden_state, hidden_states,
+        intermediate_hidden_states``."""
+        out = self._run(pixel_values, prompt_pixel_values, prompt_masks, bool_masked_pos, feature_ensemble,
+                        embedding_type, labels, ensemble_mode, output_hidden_states, prompts_per_query, dropout_rng,
+                        output_attentions=output_attentions)
+        if return_dict is None or return_dict:
+            return out
+        return tuple(value for value in (out.last_hidden_state, out.hidden_states, out.intermediate_hidden_states)
+                     if value is not None)
 
 
 class SegGptForImageSegmentation(_Model, nnx.Module):
@@ -177,26 +206,30 @@ class SegGptForImageSegmentation(_Model, nnx.Module):
             intermediate_hidden_states=encoded.intermediate_hidden_states)
 
     def __call__(self, pixel_values, prompt_pixel_values, prompt_masks, bool_masked_pos=None,
-                 feature_ensemble: bool = False, embedding_type: Any = "instance", labels=None,
-                 ensemble_mode: str = "transformers", output_hidden_states: bool = False, *,
+                 feature_ensemble: bool | None = False, embedding_type: Any = "instance", labels=None,
+                 output_attentions: bool | None = None, output_hidden_states: bool | None = False,
+                 return_dict: bool | None = None, *, ensemble_mode: str = "transformers",
                  prompts_per_query: int | None = None,
-                 dropout_rng: Array | None = None) -> SegGptImageSegmentationOutput:
-        """Paint the query's mask. Arguments and layout follow ``transformers.SegGptForImageSegmentation``.
+                 dropout_rng: Array | None = None) -> SegGptImageSegmentationOutput | tuple:
+        """Paint the query's mask. Arguments (in transformers' order) and layout follow
+        ``transformers.SegGptForImageSegmentation``; ``None`` means the default, as there.
 
         Args:
             pixel_values, prompt_pixel_values, prompt_masks: ``[B, 3, H/2, W]`` normalised float
-                arrays (numpy or jax), NCHW, as ``SegGptImageProcessor`` returns them.
+                arrays (numpy, jax or torch), NCHW, as ``SegGptImageProcessor`` returns them.
             bool_masked_pos: ``[1 or B, num_patches]`` patch flags for the mask canvas; default masks
                 the query half (inference).
             feature_ensemble: average the query features over the prompts of the batch (few-shot;
                 see :func:`seggpt_jax.nn.encoder.average_prompt_features`).
             embedding_type: ``"instance"``/``"semantic"``, or one per sample (names or 1/0 flags).
             labels: ``[B, 3, H/2, W]`` target masks; enables the smooth-L1 loss.
+            output_attentions: only ``False``/``None`` (attention weights are never materialised).
+            output_hidden_states: also return every layer's input and the final hidden state.
+            return_dict: ``False`` returns :meth:`SegGptImageSegmentationOutput.to_tuple`, as transformers.
             ensemble_mode: ``"transformers"`` (default) or ``"original"``. They differ at the merge
                 layer: transformers averages the query half over *both* streams there (image and
                 mask), and does so even with a single prompt; the BAAI code averages within each
                 stream up to and including the merge layer and does nothing with one prompt.
-            output_hidden_states: also return every layer's input and the final hidden state.
             prompts_per_query: with ``feature_ensemble``, the batch is groups of this many
                 consecutive samples, one group per query (default: the whole batch is one query).
             dropout_rng: a PRNG key enables drop-path (training); ``None`` is inference.
@@ -204,8 +237,10 @@ class SegGptForImageSegmentation(_Model, nnx.Module):
         The forward is jitted once per input shapes and static switches; call it from inside
         ``jax.jit``/``nnx.jit``/``nnx.grad`` as well.
         """
-        return self._run(pixel_values, prompt_pixel_values, prompt_masks, bool_masked_pos, feature_ensemble,
-                         embedding_type, labels, ensemble_mode, output_hidden_states, prompts_per_query, dropout_rng)
+        out = self._run(pixel_values, prompt_pixel_values, prompt_masks, bool_masked_pos, feature_ensemble,
+                        embedding_type, labels, ensemble_mode, output_hidden_states, prompts_per_query, dropout_rng,
+                        output_attentions=output_attentions)
+        return out if return_dict is None or return_dict else out.to_tuple()
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
