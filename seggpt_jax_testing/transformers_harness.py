@@ -118,3 +118,14 @@ def write_checkpoint(model: HFModel, folder: str, fmt: str) -> str:
         torch.save({"model": to_original_names(state), "epoch": 0}, path)
         return path
     raise ValueError(fmt)
+
+
+def hf_processor_config(config: HFConfig, folder: str) -> str:
+    """transformers' ``preprocessor_config.json`` for a model config (query size: half the canvas)."""
+    try:
+        from transformers import SegGptImageProcessorPil as Processor
+    except ImportError:  # pragma: no cover - transformers < 5
+        from transformers import SegGptImageProcessor as Processor
+    height, width = config.image_size if isinstance(config.image_size, (list, tuple)) else (config.image_size,) * 2
+    Processor(size={"height": height // 2, "width": width}).save_pretrained(folder)
+    return os.path.join(folder, "preprocessor_config.json")

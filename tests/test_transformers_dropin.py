@@ -21,6 +21,7 @@ from conftest import max_abs
 from PIL import Image
 
 import seggpt_jax
+from seggpt_jax_testing.transformers_harness import hf_processor_config
 from seggpt_jax_testing.hub import fill_hub_cache
 
 try:
@@ -68,10 +69,10 @@ THEIRS = "from transformers import SegGptImageProcessor, SegGptForImageSegmentat
 @pytest.fixture(scope="module")
 def checkpoint(hf_tiny, tmp_path_factory) -> str:
     """transformers' tiny checkpoint folder with transformers' preprocessor_config.json beside it."""
-    _, path = hf_tiny("nonsquare")
+    hf, path = hf_tiny("nonsquare")
     folder = tmp_path_factory.mktemp("dropin") / "seggpt-tiny"
     shutil.copytree(path, folder)
-    HFProcessor(size=QUERY_SIZE).save_pretrained(folder)
+    hf_processor_config(hf.config, str(folder))
     return str(folder)
 
 
