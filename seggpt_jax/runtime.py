@@ -14,7 +14,8 @@ import os
 
 import jax
 
-from .nn.attention import ATTENTION_IMPLS
+from .nn.attention import ATTENTION_IMPLS, PLATFORMS, backend_of
+from .nn.chunked_attention import LSE_NAME, OUT_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +30,17 @@ logger = logging.getLogger(__name__)
 #: (``mlp.lin2``'s output is not named: only a residual add follows it, so no backward pass needs it.)
 MATMUL_OUTPUTS = ("qkv", "attention", "attention_out", "mlp_hidden")
 
+#: What the fused attention kernels keep for their own backward pass, by ``checkpoint_name``: the output
+#: and the per-query log-sum-exp of :mod:`seggpt_jax.nn.chunked_attention` and of
+#: :mod:`seggpt_jax.nn.flash_attention` (``"flash_out"``, ``"flash_lse"``). The output is the array
+#: named ``"attention"``; the log-sum-exp is ``[B * heads, N]``. Without them the backward pass reruns
+#: the kernel's whole forward to get the log-sum-exp back.
+ATTENTION_RESIDUALS = (OUT_NAME, LSE_NAME, "flash_out", "flash_lse")
+
 #: Our remat policy names (see :class:`RuntimeConfig`); ``jax.checkpoint_policies`` names are accepted too.
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.save_only_these_names(*MATMUL_OUTPUTS),
+    "dots": jax.checkpoint_policies.save_only_these_names(*MATMUL_OUTPUTS, *ATTENTION_RESIDUALS),
     "none": jax.checkpoint_policies.everything_saveable,
 }
 
@@ -42,9 +50,25 @@ class RuntimeConfig:
     """Execution switches.
 
     Attributes:
-        attention: ``"auto"`` (per backend: chunked on CPU/TPU, cuDNN-widened in half precision on
-            GPU), ``"plain"`` (reference: full logits), ``"chunked"`` (per-head tiles, nothing
-            N x N), or ``"widened"`` (relative terms folded into q/k for ``jax.nn.dot_product_attention``).
+        attention: the attention implementation (:mod:`seggpt_jax.nn.attention`):
+
+            * ``"auto"``: ``"chunked"`` on CPU, ``"flash"`` on GPU and TPU (float32 included: the
+              kernel follows the model's ``precision``), resolved for ``platform``.
+            * ``"plain"``: the reference; full ``[B, heads, N, N]`` logits.
+            * ``"chunked"``: per-head query tiles (``lax.map``); nothing N x N.
+            * ``"flash"``: the fused Pallas kernel (:mod:`seggpt_jax.nn.flash_attention`): Triton on
+              GPU, Mosaic on TPU; nothing N x N, forward or backward. On CPU it runs in Pallas'
+              interpret mode: correct but slow, for tests only.
+            * ``"widened"``: relative terms folded into q/k (head dim 64 -> 152 for ViT-L) for
+              ``jax.nn.dot_product_attention``: cuDNN's fused attention on GPU (bfloat16/float16
+              only; JAX takes head dim 152 only on Hopper or newer, and traces it only on a machine
+              with a GPU and cuDNN, so it cannot be exported from elsewhere); XLA's attention with
+              full logits on CPU and TPU.
+        platform: the platform the model is compiled for: ``"cpu"``, ``"cuda"`` (or ``"gpu"``,
+            stored as ``"cuda"``) or ``"tpu"``; ``None`` (default): ``jax.default_backend()`` when
+            traced. It resolves ``"auto"`` and picks the flash kernel's lowering, so a program can be
+            lowered and exported (``jax.export``) for a machine this one is not, e.g. a TPU program
+            on a CPU host (:mod:`seggpt_jax.export`).
         scan_layers: run runs of identical layers with ``lax.scan`` (segments split at the merge
             layer and at every decoder tap): one compiled layer per segment, same numbers. The
             parameters keep their per-layer layout (checkpoints, ``flat_parameters``, optimizer state
@@ -74,25 +98,36 @@ class RuntimeConfig:
             ``remat_policy="dots"`` compiled in 21-22 s instead of 25-30 s, with 4.81 instead of
             6.24 GiB of XLA temporaries (same machine, ``jax.jit(jax.grad(...)).lower(...).compile()``).
         remat_policy: rematerialise each transformer layer in the backward pass (``None``: keep every
-            activation the backward pass needs). The layer's input is always kept.
+            activation the backward pass needs). The layer's input is always kept; the recomputation
+            runs in the backward pass, one layer at a time, on every backend (:func:`seggpt_jax.nn.ops.remat`:
+            plain ``jax.checkpoint`` is undone by XLA:CPU's scheduler).
 
             * ``"full"``: save nothing inside the layer; the backward pass reruns its whole forward.
             * ``"dots"``: save the outputs of the layer's matmuls (:data:`MATMUL_OUTPUTS`: ``qkv``,
-              ``attention``, ``attention_out``, ``mlp_hidden``); recompute the LayerNorms, the
-              activation, the residual adds, drop-path and the feature ensemble.
-              Whatever else the attention kernel keeps for its own backward is recomputed by
-              rerunning the kernel's forward.
+              ``attention``, ``attention_out``, ``mlp_hidden``) and the attention kernel's log-sum-exp
+              (:data:`ATTENTION_RESIDUALS`); recompute the LayerNorms, the activation, the residual
+              adds, drop-path and the feature ensemble. The attention's forward is not rerun.
             * ``"none"``: save everything (as no remat, through the remat wrapper).
             * any ``jax.checkpoint_policies`` policy name, e.g. ``"dots_with_no_batch_dims_saveable"``.
+
+            ViT-L, float32, batch 1, XLA's temporaries for ``jax.value_and_grad`` of the loss (compiled,
+            not run; :func:`seggpt_jax.train.estimate_memory`): 5.18 GiB without remat, 2.61 GiB with
+            ``"dots"``, 1.33 GiB with ``"full"`` (the parameters and their gradients, 1.39 GiB each, come
+            on top).
     """
 
     attention: str = "auto"
     scan_layers: bool = False
     remat_policy: str | None = None
+    platform: str | None = None
 
     def __post_init__(self):
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
+        if self.platform is not None:
+            if not isinstance(self.platform, str) or self.platform.lower() not in PLATFORMS:
+                raise ValueError(f"platform must be one of {PLATFORMS} or None, got {self.platform!r}")
+            object.__setattr__(self, "platform", "cuda" if backend_of(self.platform) == "gpu" else self.platform.lower())
         if not isinstance(self.scan_layers, bool):
             raise ValueError(f"scan_layers must be True or False, got {self.scan_layers!r}")
         if self.remat_policy is not None:

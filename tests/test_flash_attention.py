@@ -13,8 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+from conftest import TINY_CONFIGS, max_abs, random_inputs, to_torch
 
-from seggpt_jax.nn.attention import attention_plain
+from seggpt_jax import RuntimeConfig, SegGptForImageSegmentation
+from seggpt_jax.nn.attention import attention_plain, resolve_impl
 from seggpt_jax.nn.flash_attention import BlockSizes, attention_flash, attention_flash_reference
 
 VIT_L_GRID = (56, 28)  # 1568 tokens
@@ -253,3 +256,21 @@ def test_rejects_bad_arguments():
         attention_flash(q, k, v, scale=1.0, grid=(5, 3), rel_pos=None, platform="metal")
     with pytest.raises(ValueError, match="positive"):
         BlockSizes(0, 8)
+
+
+# ------------------------------------------------------------------------------------ the whole model
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_model_with_flash_attention_matches_transformers(hf_tiny, name):
+    """The painter with ``attention="flash"`` (interpret mode on CPU) against transformers' own
+    ``pred_masks``: one prompt per query, and the feature ensemble over the batch where the grid allows."""
+    hf, path = hf_tiny(name)
+    model = SegGptForImageSegmentation.from_pretrained(path, runtime=RuntimeConfig(attention="flash"))
+    assert resolve_impl(model.settings.runtime.attention, model.settings.dtype) == "flash"
+    inputs = random_inputs(model.config, batch=2, seed=4)
+    cases = [{}] + ([{"feature_ensemble": True}] if model.config.grid_size[0] % 2 == 0 else [])
+    for kwargs in cases:
+        ours = model(**inputs, **kwargs).pred_masks
+        with torch.no_grad():
+            ref = hf(**to_torch(inputs), **kwargs).pred_masks
+        assert float(np.abs(np.asarray(ours)).max()) > 0.05
+        assert max_abs(ours, ref) <= 1e-5, kwargs

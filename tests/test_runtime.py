@@ -112,7 +112,7 @@ def test_auto_picks_per_backend():
     assert jax.default_backend() == "cpu"
     assert resolve_impl("auto", jnp.float32) == "chunked" and resolve_impl("plain", jnp.bfloat16) == "plain"
     with pytest.raises(ValueError, match="attention implementation must be one of"):
-        resolve_impl("flash", jnp.float32)
+        resolve_impl("splash", jnp.float32)
 
 
 def test_layer_segments_respect_merge_and_taps():
@@ -145,7 +145,7 @@ def test_remat_and_scan_give_the_same_gradients(gradient_case, policy):
 
 def test_runtime_config_validation():
     with pytest.raises(ValueError, match="attention must be one of"):
-        RuntimeConfig(attention="flash")
+        RuntimeConfig(attention="splash")
     with pytest.raises(ValueError, match="unknown remat_policy 'sometimes'"):
         RuntimeConfig(remat_policy="sometimes")
     with pytest.raises(TypeError, match="runtime must be a seggpt_jax.RuntimeConfig"):
@@ -269,3 +269,118 @@ def test_trainer_trains_the_callers_parameters_and_leaves_its_settings_alone():
     copy.decoder.decoder_embed.bias[...] = copy.decoder.decoder_embed.bias[...] + 1
     assert not np.array_equal(np.asarray(copy.decoder.decoder_embed.bias[...]),
                               np.asarray(model.decoder.decoder_embed.bias[...]))
+
+
+# ------------------------------------------------------------------------ target platforms and kernels
+@pytest.mark.parametrize("platform, dtype, expected", [
+    ("cpu", jnp.float32, "chunked"), ("cpu", jnp.bfloat16, "chunked"),
+    ("cuda", jnp.bfloat16, "flash"), ("gpu", jnp.bfloat16, "flash"), ("tpu", jnp.bfloat16, "flash"),
+    ("cuda", jnp.float32, "flash"), ("tpu", jnp.float32, "flash"),  # float32: the kernel at the model's precision
+    (None, jnp.bfloat16, "chunked"),  # None: the default backend (CPU here)
+])
+def test_auto_resolves_per_target_platform_and_dtype(platform, dtype, expected):
+    assert resolve_impl("auto", dtype, platform) == expected
+    for impl in ("plain", "chunked", "flash"):
+        assert resolve_impl(impl, dtype, platform) == impl
+
+
+def test_runtime_platform_is_validated_and_normalised():
+    assert RuntimeConfig().platform is None
+    assert RuntimeConfig(platform="GPU").platform == "cuda" and RuntimeConfig(platform="gpu") == RuntimeConfig(
+        platform="cuda")
+    assert RuntimeConfig(platform="tpu", attention="flash").platform == "tpu"
+    with pytest.raises(ValueError, match=r"one of \('cpu', 'cuda', 'gpu', 'tpu'\) or None, got 'rocm'"):
+        RuntimeConfig(platform="rocm")
+    with pytest.raises(ValueError, match="platform must be one of"):
+        RuntimeConfig(platform=3)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        RuntimeConfig(attention="cudnn")
+    # cuDNN takes half precision only: refused when the layer resolves it, naming the way out
+    with pytest.raises(ValueError, match="takes bfloat16 or float16, not float32; use 'flash'"):
+        resolve_impl("widened", jnp.float32, "cuda")
+    assert resolve_impl("widened", jnp.bfloat16, "cuda") == resolve_impl("widened", jnp.float32, "tpu") == "widened"
+
+
+def test_model_lowers_its_target_platforms_kernel():
+    """The platform in the settings picks the kernel at trace time, on any host: a TPU model lowered on
+    this CPU machine holds the Mosaic kernel, a default one the chunked path."""
+    config = CONFIGS["nonsquare"]
+    model = nnx.eval_shape(lambda: SegGptForImageSegmentation(config, rngs=nnx.Rngs(0)))
+    inputs, options = prepare(config, *(np.zeros((1, 3, *config.query_size), np.float32),) * 3)
+    from seggpt_jax.nn.models import _forward_jit
+
+    def module(m, platform):
+        return jax.export.export(_forward_jit, platforms=[platform])(*nnx.split(m), inputs, options).mlir_module()
+
+    tpu = module(model.with_runtime(platform="tpu"), "tpu")
+    assert tpu.count("@tpu_custom_call(") == config.num_hidden_layers
+    assert "tpu_custom_call" not in module(model, "cpu")
+
+
+def test_widened_lowers_to_cudnn_on_cuda(monkeypatch):
+    """``"widened"`` on GPU is cuDNN's fused attention: with JAX's trace-time checks answered as a Hopper
+    GPU with cuDNN 9 would answer them, the cuda program holds cuDNN's custom calls (forward and
+    backward) and no [B, heads, N, N] tensor. Without a GPU the trace itself fails: it cannot be exported
+    from this machine."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    from seggpt_jax.nn.attention import attention
+
+    grid, seq = (56, 28), 56 * 28
+    token = jax.ShapeDtypeStruct((1, seq, 16, 64), jnp.bfloat16)
+    tables = (jax.ShapeDtypeStruct((111, 64), jnp.bfloat16), jax.ShapeDtypeStruct((55, 64), jnp.bfloat16))
+
+    def loss(q, k, v, rel_pos):
+        out = attention(q, k, v, impl="widened", scale=0.125, grid=grid, rel_pos=rel_pos, platform="cuda")
+        return jnp.sum(out.astype(jnp.float32) ** 2)
+
+    def lower():
+        calls = ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward")
+        return jax.export.export(
+            jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))), platforms=["cuda"],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(c) for c in calls],
+        )(token, token, token, tables).mlir_module()
+
+    with pytest.raises(RuntimeError, match="cuDNN is not detected"):
+        lower()
+    monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 90800)
+    monkeypatch.setattr(cudnn, "check_compute_capability", lambda capability: True)
+    text = lower()
+    assert text.count("@__cudnn$fmhaSoftmax(") == 1 and text.count("@__cudnn$fmhaSoftmaxBackward(") == 1
+    shapes = [tuple(int(d) for d in dims.split("x")[:-1]) for dims in re.findall(r"tensor<((?:\d+x)+)", text)]
+    assert (1, seq, 16, 152) in shapes  # the widened head: 64 + 56 + 28, padded to a multiple of 8
+    assert not [s for s in shapes if s.count(seq) >= 2]
+
+
+def test_flash_in_the_model_gives_the_plain_gradients(gradient_case):
+    """The fused kernel's backward (interpret mode here) inside the painter, scanned and rematerialised."""
+    model, grads, reference = gradient_case
+    ours = grads(model.with_runtime(attention="flash", scan_layers=True, remat_policy="dots"))
+    for (path, a), (_, b) in zip(ours, reference):
+        np.testing.assert_allclose(np.asarray(a[...]), np.asarray(b[...]), atol=2e-5, rtol=1e-4, err_msg=str(path))
+
+
+def test_accelerator_benchmark_dry_run(tmp_path):
+    """benchmarks/accelerator.py (for GPU/TPU machines) runs end to end on the tiny config here: workers,
+    transformers rows, agreement, and the dated result files."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-m", "benchmarks.accelerator", "--dry-run", "--attention", "flash",
+                             "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work")],
+                            capture_output=True, text=True, timeout=600, cwd=repo)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (json_name,) = [n for n in os.listdir(tmp_path / "out") if n.endswith(".json")]
+    assert json_name.startswith("accelerator-dryrun-cpu-")
+    assert os.path.isfile(tmp_path / "out" / (json_name[:-4] + "md"))
+    report = json.loads((tmp_path / "out" / json_name).read_text())
+    assert sorted(report["ours"]) == ["flash bfloat16", "flash float32"]
+    for side in (report["ours"], report["transformers"]):
+        for row in side.values():
+            assert all(row[f"batch{b}"]["images_per_s"] > 0 and row[f"batch{b}"]["peak_bytes"] > 0 for b in (1, 2))
+    assert sorted(report["transformers"]) == ["eager bfloat16", "eager float32"]
+    assert report["agreement"]["flash"]["f32_max_abs_vs_transformers"] < 1e-4
+    assert report["agreement"]["flash"]["bf16_class_map_agreement"] > 0.9

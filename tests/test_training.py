@@ -190,9 +190,14 @@ def test_finetuning_learns_the_synthetic_task(red_shapes):
 def copying_model():
     """A model trained to paint the query's mask where the prompt's mask is (it reads its prompt)."""
     model = SegGptForImageSegmentation(SMALL, rngs=nnx.Rngs(0))
-    config = TrainConfig(steps=500, batch_size=8, learning_rate=2e-3, min_learning_rate=2e-3, warmup_steps=20,
+    config = TrainConfig(steps=1500, batch_size=8, learning_rate=2e-3, min_learning_rate=2e-3, warmup_steps=20,
                          log_every=100)
-    history = Trainer(model, config, batches=_tensor_batches(rows=8)).fit()
+    trainer = Trainer(model, config, batches=_tensor_batches(rows=8))
+    # the loss sits on a plateau (~1.27: the average mask) until the model finds the prompt; when it leaves
+    # it depends on float rounding (measured: after 400 to 800 steps), so train until it has left
+    history = trainer.fit(stop_after=100)
+    while history[-1]["loss"] >= 0.3 and trainer.step_count < config.steps:
+        history = trainer.fit(stop_after=100)
     assert history[-1]["loss"] < 0.3, history
     return model
 

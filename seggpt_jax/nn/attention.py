@@ -10,6 +10,28 @@ transformers' ``SegGptAttention.add_decomposed_rel_pos``.
 
 :func:`attention_plain` is the reference: it materialises the full ``[B, heads, N, N]`` logits and
 adds the two relative terms by broadcasting, in the same order of operations as transformers.
+
+The implementations (``RuntimeConfig(attention=...)``, dispatched by :func:`attention`):
+
+* ``"plain"``: the reference above (XLA, ``[B, heads, N, N]`` logits).
+* ``"chunked"``: :mod:`seggpt_jax.nn.chunked_attention`, per-head query tiles in ``lax.map``; nothing
+  ``N x N``. The CPU default.
+* ``"flash"``: :mod:`seggpt_jax.nn.flash_attention`, the fused Pallas kernel: Triton on GPU, Mosaic on
+  TPU, the Pallas interpreter on CPU (slow: for tests only). The GPU and TPU default.
+* ``"widened"``: the relative terms folded into q and k (:func:`widen`, head dim 64 -> 152 for ViT-L)
+  for ``jax.nn.dot_product_attention``: ``implementation="cudnn"`` on GPU (cuDNN's fused flash
+  attention: bfloat16/float16 only; JAX accepts a head dim of 152 only on Hopper or newer, <= 128
+  before, and checks the cuDNN version and the GPU at trace time, so it cannot be lowered or exported
+  on a machine without one), ``implementation="xla"`` elsewhere (``[B, heads, N, N]`` logits).
+
+``"auto"`` resolves per target platform and dtype (:func:`resolve_impl`): ``"chunked"`` on CPU,
+``"flash"`` on GPU and TPU in every dtype. Float32 on GPU/TPU takes the fused kernel too, not the
+plain path: the kernel follows the model's ``precision`` in its own matmuls as XLA does in the
+others (``None``: TF32 in Triton, one bfloat16 pass on the TPU MXU; ``"highest"``: IEEE float32 in
+Triton, full float32 contraction in Mosaic), so float32 keeps its meaning, while the plain path would
+hold ``[B, 16, 1568, 1568]`` float32 logits (157 MB per image and layer) and the chunked one
+serialises ``lax.map`` steps that a GPU runs one small kernel at a time. cuDNN (``"widened"``) refuses
+float32 altogether.
 """
 
 from __future__ import annotations
@@ -18,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from .chunked_attention import attention_chunked
+from .flash_attention import attention_flash
 from .ops import relative_tables
 
 
@@ -49,23 +72,35 @@ def attention_plain(
 
 
 # ------------------------------------------------------------------------------------ fast paths
-ATTENTION_IMPLS = ("auto", "plain", "chunked", "widened")
+ATTENTION_IMPLS = ("auto", "plain", "chunked", "flash", "widened")
+#: Target platforms: ``"cuda"`` and ``"gpu"`` are the same (an NVIDIA GPU; ``jax.export`` calls it ``"cuda"``).
+PLATFORMS = ("cpu", "cuda", "gpu", "tpu")
+_HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def resolve_impl(impl: str, dtype) -> str:
-    """``"auto"`` -> the fastest path for the default backend and compute dtype.
+def backend_of(platform: str | None) -> str:
+    """``"cpu"``, ``"gpu"`` or ``"tpu"`` for a target platform; ``None``: ``jax.default_backend()``."""
+    name = platform if platform is not None else jax.default_backend()
+    if not isinstance(name, str) or name.lower() not in PLATFORMS:
+        raise ValueError(f"platform must be one of {PLATFORMS}, got {name!r}")
+    name = name.lower()
+    return "gpu" if name == "cuda" else name
 
-    CPU and TPU: ``"chunked"`` (cache-sized tiles; the relative terms are added inside each tile).
-    GPU: ``"widened"`` in bfloat16/float16 (cuDNN fused attention via ``jax.nn.dot_product_attention``),
-    ``"plain"`` in float32 (cuDNN's fused kernels take half precision only).
-    """
+
+def resolve_impl(impl: str, dtype, platform: str | None = None) -> str:
+    """The implementation ``impl`` means for a compute ``dtype`` on a target ``platform`` (default: the
+    default backend); ``"auto"``: ``"chunked"`` on CPU, ``"flash"`` on GPU and TPU (module docstring).
+
+    Raises ``ValueError`` for ``"widened"`` in float32 on GPU (cuDNN takes half precision only)."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}, got {impl!r}")
-    if impl != "auto":
-        return impl
-    if jax.default_backend() == "gpu":
-        return "widened" if jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) else "plain"
-    return "chunked"
+    backend = backend_of(platform)
+    if impl == "auto":
+        return "chunked" if backend == "cpu" else "flash"
+    if impl == "widened" and backend == "gpu" and jnp.dtype(dtype) not in _HALF:
+        raise ValueError(f"attention='widened' on GPU is cuDNN's fused attention, which takes bfloat16 or float16, "
+                         f"not {jnp.dtype(dtype).name}; use 'flash' (or 'auto')")
+    return impl
 
 
 def widen(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, grid: tuple[int, int],
@@ -104,10 +139,11 @@ def attention_widened(
     grid: tuple[int, int],
     rel_pos: tuple[jax.Array, jax.Array] | None,
     precision=None,
-    implementation: str | None = None,
+    implementation: str = "xla",
 ) -> jax.Array:
-    """Widened q/k through ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU when it
-    accepts the shapes and dtype; ``implementation=None`` falls back to XLA otherwise)."""
+    """Widened q/k (:func:`widen`) through ``jax.nn.dot_product_attention`` with ``implementation``:
+    ``"xla"`` (``[B, heads, N, N]`` logits) or ``"cudnn"`` (cuDNN flash attention; needs a CUDA GPU with
+    cuDNN at trace time, bfloat16/float16, and a widened head dim JAX accepts there)."""
     dim = q.shape[-1]
     if rel_pos is None:
         return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
@@ -116,13 +152,19 @@ def attention_widened(
     return out[..., :dim]
 
 
-def attention(q, k, v, *, impl: str, scale: float, grid: tuple[int, int], rel_pos, precision=None) -> jax.Array:
-    """Dispatch to one implementation (``impl`` already resolved, see :func:`resolve_impl`)."""
+def attention(q, k, v, *, impl: str, scale: float, grid: tuple[int, int], rel_pos, precision=None,
+              platform: str | None = None) -> jax.Array:
+    """Dispatch to one implementation (``impl`` already resolved for ``platform``, see :func:`resolve_impl`).
+    ``q, k, v: [B, N, heads, hd]``; returns ``[B, N, heads, hd]``. ``platform`` (static; default: the
+    default backend) picks the flash kernel's lowering and the widened path's implementation."""
     kwargs = dict(scale=scale, grid=grid, rel_pos=rel_pos, precision=precision)
     if impl == "plain":
         return attention_plain(q, k, v, **kwargs)
     if impl == "chunked":
         return attention_chunked(q, k, v, **kwargs)
+    if impl == "flash":
+        return attention_flash(q, k, v, platform=backend_of(platform), **kwargs)
     if impl == "widened":
-        return attention_widened(q, k, v, **kwargs)
+        return attention_widened(q, k, v, implementation="cudnn" if backend_of(platform) == "gpu" else "xla",
+                                 **kwargs)
     raise ValueError(f"unknown attention implementation {impl!r}")

@@ -11,7 +11,7 @@ with the *unscaled* query in the relative terms (transformers' ``add_decomposed_
 
     P = softmax(S) (float32),   O = P V,   lse[q] = log sum_k exp(s[q, k]).
 
-Forward (:func:`chunked_attention_forward`): ``lax.map`` over tiles of ``tile_rows * W`` queries of one
+Forward (:func:`chunked_attention_forward`): a loop over tiles of ``tile_rows * W`` queries of one
 head (392 x 1568 logits for ViT-L's 56 x 28 grid: 2.5 MB, so the softmax and the relative adds stay in
 cache on CPU), in the order of operations of ``attention_plain`` (float32 rounding apart: each tile
 computes its own relative terms). Each tile yields its rows of ``O`` and of ``lse``; its logits and
@@ -30,11 +30,14 @@ Algorithm 2) with the query tile as the loop unit. With ``delta[q] = sum_d dO[q,
     dQ += d rel_h . R_h[qh - kh + H - 1] + d rel_w . R_w[qw - kw + W - 1]
     dR_h[qh - kh + H - 1] += sum_{q in row qh} d rel_h[q, kh] q   (likewise dR_w)
 
-``lax.scan`` over heads, and within a head over its query tiles, carrying the head's ``dK, dV`` and
-the gathered-table gradients; all backward arithmetic is float32 whatever the input dtype. Everything
+A loop over heads, and within a head a ``lax.scan`` over its query tiles, carrying the head's ``dK, dV``
+and the gathered-table gradients; all backward arithmetic is float32 whatever the input dtype. Everything
 recomputed is recomputed inside the loop, one tile at a time (so XLA cannot merge it with the forward's
 and keep it alive in between), and the only buffers of the backward besides the gradients themselves
-are one tile's ``[tile_rows * W, N]`` float32 temporaries.
+are one tile's ``[tile_rows * W, N]`` float32 temporaries. The buffers the loops fill (the forward's
+``O`` and ``lse``, the backward's ``dQ, dK, dV``) are computed from the loop's own inputs
+(:func:`~seggpt_jax.nn.ops.zeros_after`), so that XLA allocates them when the loop runs, not at the
+start of a training step.
 
 Saved for the backward (:func:`attention_chunked` is a ``jax.custom_vjp``): the per-head ``q, k, v``
 (``[B * heads, N, hd]``; transposed copies of the inputs, which the caller no longer needs), the two
@@ -64,7 +67,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from .ops import relative_tables
+from .ops import relative_tables, zeros_after
 
 #: ``checkpoint_name`` of the attention output ``[B, N, heads, hd]`` saved for the backward pass.
 OUT_NAME = "chunked_attention_out"
@@ -143,19 +146,18 @@ def chunked_attention_forward(q_heads: jax.Array, k_heads: jax.Array, v_heads: j
                               tile_rows: int | None = None) -> tuple[jax.Array, jax.Array]:
     """Per-head forward: ``[B*n, N, hd]`` inputs -> ``(out [B*n, N, hd] in v's dtype, lse [B*n, N] float32)``.
 
-    ``lax.map`` over the ``B*n * H / tile_rows`` tiles of ``tile_rows * W`` queries; each tile computes its
-    own relative terms (in q's dtype), exactly as the backward pass recomputes them.
+    A loop over the ``B*n * H / tile_rows`` tiles of ``tile_rows * W`` queries; each tile computes its
+    own relative terms (in q's dtype), exactly as the backward pass recomputes them, and writes its rows
+    of ``out`` and ``lse`` into buffers that exist only once q does (:func:`~seggpt_jax.nn.ops.zeros_after`).
     """
     bn, seq, dim = q_heads.shape
     rows, cols = grid
     r = _checked_tile_rows(rows, cols, tile_rows)
     chunks = rows // r
     tables = _gathered_tables(rel_pos, grid, q_heads.dtype) if rel_pos is not None else None
-    xs = (q_heads.reshape(bn * chunks, r * cols, dim),  # [tiles, r*W, hd]
-          jnp.repeat(jnp.arange(bn), chunks), jnp.tile(jnp.arange(chunks), bn))  # head and chunk of each tile
+    q_tiles = q_heads.reshape(bn * chunks, r * cols, dim)  # [tiles, r*W, hd]; tile i: head i // chunks
 
-    def tile(args: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        q_tile, head, chunk = args
+    def tile(q_tile: jax.Array, head: jax.Array, chunk: jax.Array) -> tuple[jax.Array, jax.Array]:
         rel_h = rel_w = None
         if tables is not None:
             rel_h, rel_w = _tile_relative_terms(q_tile, tables, chunk, cols, precision)  # [r, W, H], [r, W, W]
@@ -169,7 +171,13 @@ def chunked_attention_forward(q_heads: jax.Array, k_heads: jax.Array, v_heads: j
                          preferred_element_type=jnp.float32)  # [r*W, hd]
         return out.astype(v_heads.dtype), (peak + jnp.log(total))[:, 0]
 
-    out, lse = jax.lax.map(tile, xs)  # [tiles, r*W, hd], [tiles, r*W]
+    def step(i: jax.Array, buffers: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        out, lse = tile(q_tiles[i], i // chunks, i % chunks)
+        return buffers[0].at[i].set(out), buffers[1].at[i].set(lse)
+
+    buffers = (zeros_after(q_tiles.shape, v_heads.dtype, q_heads),  # [tiles, r*W, hd]
+               zeros_after(q_tiles.shape[:2], jnp.float32, q_heads))  # [tiles, r*W]
+    out, lse = jax.lax.fori_loop(0, bn * chunks, step, buffers)
     return out.reshape(bn, seq, dim), lse.reshape(bn, seq)
 
 
@@ -236,20 +244,27 @@ def chunked_attention_backward(q_heads: jax.Array, k_heads: jax.Array, v_heads: 
             d_table_w = d_tab[1] + jnp.einsum("rwk,rwc->wkc", d_rel_w, q_grid32, precision=precision)
             return (d_k, d_v, d_table_h, d_table_w), d_q + d_q_rel.reshape(r * cols, dim)
 
-        zeros = jnp.zeros((seq, dim), f32)
+        zeros = zeros_after((seq, dim), f32, d_out_tiles)
         (d_k, d_v, *d_tables), d_q = jax.lax.scan(
             tile, (zeros, zeros, *d_tables), (jnp.arange(chunks), q_tiles, d_out_tiles, lse_tiles, delta_tiles))
         grads = (d_q.reshape(seq, dim).astype(q_heads.dtype), d_k.astype(k_heads.dtype), d_v.astype(v_heads.dtype))
         return tuple(d_tables), grads
 
-    d_tables = tuple(jnp.zeros(t.shape, f32) for t in tables32) if relative else ()
-    d_tables, (d_q, d_k, d_v) = jax.lax.scan(head, d_tables, xs)  # [B*n, N, hd] x3
+    def step(i: jax.Array, carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+        d_q_all, d_k_all, d_v_all, *d_tables = carry  # [B*n, N, hd] x3, then the tables' gradients
+        d_tables, grads = head(tuple(d_tables), tuple(t[i] for t in xs))
+        return (d_q_all.at[i].set(grads[0]), d_k_all.at[i].set(grads[1]), d_v_all.at[i].set(grads[2]), *d_tables)
+
+    # every buffer is computed from the cotangent: none can be allocated before the backward pass gets here
+    carry = tuple(zeros_after(t.shape, t.dtype, d_out_heads) for t in (q_heads, k_heads, v_heads))
+    carry += tuple(zeros_after(t.shape, f32, d_out_heads) for t in tables32) if relative else ()
+    d_q, d_k, d_v, *d_tables = jax.lax.fori_loop(0, bn, step, carry)
     d_rel_pos = None
     if relative:
         # back through the gather of the tables: a scatter-add onto [2H-1, hd] and [2W-1, hd]
         rel32 = (rel_pos[0].astype(f32), rel_pos[1].astype(f32))
         _, gather_vjp = jax.vjp(lambda h, w: relative_tables(h, w, grid), *rel32)
-        d_h, d_w = gather_vjp(d_tables)
+        d_h, d_w = gather_vjp(tuple(d_tables))
         d_rel_pos = (d_h.astype(rel_pos[0].dtype), d_w.astype(rel_pos[1].dtype))
     return d_q, d_k, d_v, d_rel_pos
 

@@ -17,6 +17,7 @@ from ..config import SegGptConfig
 from ..runtime import remat_policy
 from .inputs import ForwardOptions
 from .layers import LayerNorm, ModelSettings, SegGptLayer
+from .ops import remat
 
 Array = jax.Array
 
@@ -134,32 +135,35 @@ class SegGptEncoder(nnx.Module):
 
     def _run_layers(self, x: Array, settings: ModelSettings, start: int, stop: int, ensemble, rates: Array,
                     keys: Array | None, collect: bool) -> tuple[Array, list[Array]]:
-        """Layers ``[start, stop)``, unrolled or as one ``lax.scan``; also returns each layer's input."""
-        runtime = settings.runtime
+        """Layers ``[start, stop)``, unrolled or as one ``lax.scan``; also returns each layer's input.
 
-        def apply(layer, h, rate, layer_keys):
-            return layer(h, settings, ensemble=ensemble, drop_rate=rate,
-                         keys=(None, None) if layer_keys is None else (layer_keys[0], layer_keys[1]))
+        With a remat policy each layer is one :func:`~seggpt_jax.nn.ops.remat` call over its parameters:
+        the backward pass recomputes it from what the policy saves, one layer at a time."""
+        runtime = settings.runtime
+        splits = [nnx.split(self.layers[i]) for i in range(start, stop)]
+        graphdef = splits[0][0]  # every layer has the same graph
+
+        def apply(state: nnx.State, h: Array, rate: Array, layer_keys: Array | None) -> Array:
+            return nnx.merge(graphdef, state)(h, settings, ensemble=ensemble, drop_rate=rate,
+                                              keys=(None, None) if layer_keys is None else (layer_keys[0],
+                                                                                            layer_keys[1]))
 
         if runtime.remat_policy is not None:
-            apply = nnx.remat(apply, policy=remat_policy(runtime.remat_policy))
+            apply = remat(apply, remat_policy(runtime.remat_policy))
         if not runtime.scan_layers or stop - start == 1:
             inputs = []
-            for i in range(start, stop):
+            for i, (_, state) in zip(range(start, stop), splits):
                 if collect:
                     inputs.append(x)
-                x = apply(self.layers[i], x, rates[i], None if keys is None else keys[i])
+                x = apply(state, x, rates[i], None if keys is None else keys[i])
             return x, inputs
 
-        splits = [nnx.split(self.layers[i]) for i in range(start, stop)]
-        graphdef = splits[0][0]
         stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(state for _, state in splits))  # [n, ...]
         xs = (stacked, rates[start:stop], None if keys is None else keys[start:stop])
 
         def body(h, step):
             state, rate, layer_keys = step
-            out = apply(nnx.merge(graphdef, state), h, rate, layer_keys)
-            return out, (h if collect else None)
+            return apply(state, h, rate, layer_keys), (h if collect else None)
 
         x, inputs = jax.lax.scan(body, x, xs)
         return x, (list(inputs) if collect else [])

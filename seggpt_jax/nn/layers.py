@@ -22,7 +22,7 @@ from jax.ad_checkpoint import checkpoint_name
 from ..config import SegGptConfig
 from ..runtime import RuntimeConfig
 from .attention import attention, resolve_impl
-from .ops import activation, layer_norm, resize_position_embeddings
+from .ops import activation, layer_norm, linear, resize_position_embeddings
 
 Array = jax.Array
 Initializer = Callable[[Array, tuple[int, ...], Any], Array]
@@ -62,7 +62,8 @@ class Dense(nnx.Module):
     """``x @ kernel + bias`` over the last axis (``kernel: [in, out]``), as ``torch.nn.Linear``.
 
     The same computation as ``nnx.Linear`` (inputs and parameters cast to the compute dtype, one
-    ``dot_general``), with the dtype and precision taken from the call's settings.
+    ``dot_general``), with the dtype and precision taken from the call's settings; its backward pass
+    is :func:`~seggpt_jax.nn.ops.linear`'s, which lets a training step update the kernel in place.
     """
 
     def __init__(self, din: int, dout: int, *, use_bias: bool = True, kernel_init: Initializer, param_dtype: Any,
@@ -72,9 +73,7 @@ class Dense(nnx.Module):
 
     def __call__(self, x: Array, settings: ModelSettings) -> Array:  # [..., in] -> [..., out]
         dt = settings.dtype
-        x = x.astype(dt)
-        y = jax.lax.dot_general(x, self.kernel[...].astype(dt), (((x.ndim - 1,), (0,)), ((), ())),
-                                precision=settings.precision)
+        y = linear(x.astype(dt), self.kernel[...].astype(dt), settings.precision)
         if self.bias is not None:
             y = y + self.bias[...].astype(dt)
         return y
@@ -212,9 +211,10 @@ class SegGptAttention(nnx.Module):
         qkv = checkpoint_name(self.qkv(x, settings).reshape(batch, rows * cols, 3, heads, channels // heads), "qkv")
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, hd]
         rel_pos = None if self.rel_pos_h is None else (self.rel_pos_h[...], self.rel_pos_w[...])
-        impl = resolve_impl(settings.runtime.attention, settings.dtype)
-        out = attention(q, k, v, impl=impl, scale=self.scale, grid=(rows, cols), rel_pos=rel_pos,
-                        precision=settings.precision)  # [B, N, heads, hd]
+        platform = settings.runtime.platform
+        out = attention(q, k, v, impl=resolve_impl(settings.runtime.attention, settings.dtype, platform),
+                        scale=self.scale, grid=(rows, cols), rel_pos=rel_pos, precision=settings.precision,
+                        platform=platform)  # [B, N, heads, hd]
         out = checkpoint_name(out, "attention")
         return checkpoint_name(self.proj(out.reshape(batch, rows, cols, channels), settings), "attention_out")
 

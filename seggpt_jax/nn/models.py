@@ -205,6 +205,13 @@ class SegGptForImageSegmentation(_Model, nnx.Module):
             loss=loss, pred_masks=pred_masks, hidden_states=encoded.hidden_states,
             intermediate_hidden_states=encoded.intermediate_hidden_states)
 
+    def export(self, batch_size: int, **options: Any):
+        """This forward lowered with ``jax.export`` for serving (``platforms=``, ``dtype=``,
+        ``prompts_per_query=``, ...: :func:`seggpt_jax.export.export_model`); ``.save(folder)`` writes it."""
+        from ..export import export_model
+
+        return export_model(self, batch_size, **options)
+
     def __call__(self, pixel_values, prompt_pixel_values, prompt_masks, bool_masked_pos=None,
                  feature_ensemble: bool | None = False, embedding_type: Any = "instance", labels=None,
                  output_attentions: bool | None = None, output_hidden_states: bool | None = False,

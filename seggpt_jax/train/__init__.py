@@ -1,7 +1,7 @@
 """Training: fine-tuning (:class:`Trainer`) and in-context prompt tuning (:func:`tune_prompt`) with optax."""
 
 from .prompt_tuning import LearnedPrompt, PromptTuningConfig, resume_prompt_tuning, tune_prompt
-from .trainer import EpisodeBatches, Trainer, TrainConfig
+from .trainer import EpisodeBatches, MemoryEstimate, Trainer, TrainConfig, estimate_memory
 
-__all__ = ["EpisodeBatches", "LearnedPrompt", "PromptTuningConfig", "Trainer", "TrainConfig", "resume_prompt_tuning",
-           "tune_prompt"]
+__all__ = ["EpisodeBatches", "LearnedPrompt", "MemoryEstimate", "PromptTuningConfig", "Trainer", "TrainConfig",
+           "estimate_memory", "resume_prompt_tuning", "tune_prompt"]

@@ -39,6 +39,7 @@ import optax
 from flax import nnx
 
 from ..config import SegGptConfig
+from ..runtime import RuntimeConfig
 from ..data import Augment, Dataset, Prefetcher, resize_valid
 from ..nn.models import painter_loss_terms
 from ..imaging.processor import SegGptImageProcessor
@@ -220,6 +221,16 @@ class EpisodeBatches:
 
 
 # ------------------------------------------------------------------------------------ the step
+def training_view(model: nnx.Module, config: TrainConfig) -> nnx.Module:
+    """The model with ``config``'s training settings (compute dtype, remat policy), over the caller's
+    parameter Variables: training it updates the caller's parameters (as ``nnx.Optimizer`` does);
+    the caller's settings never change."""
+    settings = {"dtype": jnp.bfloat16} if config.dtype == "bfloat16" else {}
+    if config.remat_policy is not None:
+        settings["runtime"] = dataclasses.replace(model.settings.runtime, remat_policy=config.remat_policy)
+    return model.with_settings(shared=True, **settings)
+
+
 def batch_loss_terms(model, batch: dict, dropout_rng=None) -> tuple[jax.Array, jax.Array]:
     """(numerator, count) of the painter loss of ``model`` on one batch."""
     out = model(batch["pixel_values"], batch["prompt_pixel_values"], batch["prompt_masks"],
@@ -230,7 +241,10 @@ def batch_loss_terms(model, batch: dict, dropout_rng=None) -> tuple[jax.Array, j
 
 
 def _make_step(graphdef, wrt, accum: int, drop_path: bool):
-    """A jitted step over the (model, optimizer) state, which it donates."""
+    """A jitted step over the (model, optimizer) state, which it donates: the optimizer writes the new
+    parameters and moments over the old ones (XLA aliases every state buffer with its update), and
+    each parameter's update runs as soon as its gradient is complete, so the gradients of the whole
+    model never coexist with the backward pass's activations."""
 
     @functools.partial(jax.jit, donate_argnums=(0,))
     def step(state, batch, key):
@@ -269,12 +283,7 @@ class Trainer:
 
     def __init__(self, model: nnx.Module, config: TrainConfig, *, batches: Callable[[int], dict] | None = None,
                  optimizer: nnx.Optimizer | None = None, step: int = 0):
-        # ``self.model`` is a view over the caller's parameter Variables with the training settings:
-        # training updates the caller's parameters (as nnx.Optimizer does); its settings never change
-        settings = {"dtype": jnp.bfloat16} if config.dtype == "bfloat16" else {}
-        if config.remat_policy is not None:
-            settings["runtime"] = dataclasses.replace(model.settings.runtime, remat_policy=config.remat_policy)
-        model = model.with_settings(shared=True, **settings)
+        model = training_view(model, config)
         self.model, self.config, self.batches = model, config, batches
         self.optimizer = optimizer if optimizer is not None else make_optimizer(model, config)
         self.step_count = step
@@ -353,3 +362,83 @@ class Trainer:
         nnx.update(trainer.optimizer, state)
         trainer.history = meta.get("history", [])
         return trainer
+
+
+# ------------------------------------------------------------------------------------ memory
+#: What a training process holds besides XLA's buffers: Python, jaxlib, the compiled step, allocator
+#: slack. Measured on CPU as peak RSS minus the step's buffers (``benchmarks/train_memory.py``).
+PROCESS_OVERHEAD_BYTES = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    """The memory of one training step, from XLA's analysis of the compiled step (nothing is run).
+
+    Attributes:
+        state_bytes: parameters and optimizer state (AdamW: two moments); the step updates them in place.
+        temp_bytes: XLA's temporaries: activations kept for the backward pass, gradients, the backward
+            pass's working buffers.
+        batch_bytes: the step's input arrays.
+        overhead_bytes: :data:`PROCESS_OVERHEAD_BYTES`.
+    """
+
+    state_bytes: int
+    temp_bytes: int
+    batch_bytes: int
+    overhead_bytes: int = PROCESS_OVERHEAD_BYTES
+
+    @property
+    def total_bytes(self) -> int:
+        """The expected peak resident memory of a training process."""
+        return self.state_bytes + self.temp_bytes + self.batch_bytes + self.overhead_bytes
+
+    def fits(self, gigabytes: float) -> bool:
+        """Whether the step fits in ``gigabytes`` (10**9 bytes) of memory."""
+        return self.total_bytes <= gigabytes * 1e9
+
+
+def abstract_batch(config: SegGptConfig, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shapes and dtypes of an :class:`EpisodeBatches` batch."""
+    height, width = config.query_size
+    image = jax.ShapeDtypeStruct((batch_size, config.num_channels, height, width), jnp.float32)
+    return dict(pixel_values=image, prompt_pixel_values=image, prompt_masks=image, labels=image,
+                valid=jax.ShapeDtypeStruct((batch_size, 1, 2 * height, width), jnp.float32),
+                bool_masked_pos=jax.ShapeDtypeStruct((batch_size, config.num_patches), jnp.bool_),
+                is_instance=jax.ShapeDtypeStruct((batch_size,), jnp.bool_))
+
+
+def compile_step(config: SegGptConfig, train: TrainConfig, runtime: RuntimeConfig | None = None):
+    """The :class:`Trainer`'s step for ``config`` and ``train``, compiled for abstract parameters and an
+    abstract batch of ``train.batch_size``: ``jax.stages.Compiled`` (``.memory_analysis()``, ``.cost_analysis()``)."""
+    from ..nn.models import SegGptForImageSegmentation
+
+    def build() -> tuple[nnx.Module, nnx.Optimizer]:
+        model = training_view(SegGptForImageSegmentation(config, runtime=runtime, rngs=nnx.Rngs(0)), train)
+        return model, make_optimizer(model, train)
+
+    graphdef, state = nnx.split(nnx.eval_shape(build))
+    step = _make_step(graphdef, trainable_filter(train.trainable), train.grad_accum, train.drop_path)
+    return step.lower(state, abstract_batch(config, train.batch_size), jax.random.key(0)).compile()
+
+
+def estimate_memory(config: SegGptConfig, batch_size: int, *, remat_policy: str | None = None,
+                    train: TrainConfig | None = None, runtime: RuntimeConfig | None = None) -> MemoryEstimate:
+    """The memory a :class:`Trainer` step needs, from the compiled step alone (nothing is allocated or run).
+
+    ``train`` gives the rest of the training setup (dtype, trainable parameters, grad accumulation,
+    its remat policy); ``batch_size``, and ``remat_policy`` when given, override its own. ViT-L takes
+    30-90 s to compile on 2 CPU cores and about 1.5 GB of memory.
+
+        >>> from seggpt_jax import SegGptConfig
+        >>> from seggpt_jax.train import estimate_memory
+        >>> estimate = estimate_memory(SegGptConfig.vit_large(), 4, remat_policy="full")  # doctest: +SKIP
+        >>> estimate.fits(24), round(estimate.total_bytes / 1e9, 1)  # doctest: +SKIP
+    """
+    train = dataclasses.replace(train or TrainConfig(), batch_size=batch_size)
+    if remat_policy is not None:
+        train = dataclasses.replace(train, remat_policy=remat_policy)
+    analysis = compile_step(config, train, runtime).memory_analysis()
+    batch_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in abstract_batch(config, batch_size).values())
+    state_bytes = analysis.argument_size_in_bytes - batch_bytes  # the key is a few bytes
+    return MemoryEstimate(state_bytes=int(state_bytes), temp_bytes=int(analysis.temp_size_in_bytes),
+                          batch_bytes=int(batch_bytes))
