@@ -2,10 +2,14 @@
 
 Write one with ``model.export(batch_size, platforms="tpu", dtype="bfloat16").save(folder)`` (or
 ``seggpt-jax export MODEL --out-dir OUT --platform tpu --batch-size 8 --dtype bfloat16``); run it
-anywhere JAX runs on that platform with :func:`load`, which needs neither the model code nor flax::
+anywhere JAX runs on that platform with :func:`load`, which never builds the model::
 
-    served = seggpt_jax.export.load("OUT")      # jax, numpy and safetensors only
+    served = seggpt_jax.export.load("OUT")      # the program and its weights
     pred_masks = served(pixel_values, prompt_pixel_values, prompt_masks)   # [B, P, 3, H, W]
+
+Importing ``seggpt_jax.export`` imports the package, and with it flax; this file on its own (loaded
+by path, as ``tests/test_export.py`` does) imports only jax, numpy and safetensors for :func:`load`,
+so a server can run an export without seggpt-jax installed.
 
 The folder (every file written atomically; files the tool did not write are never replaced, see
 :class:`seggpt_jax.files.OutputFolder`):
@@ -329,7 +333,9 @@ def load(path: str | os.PathLike) -> ServingModel:
     (expected, *_), _ = jax.tree.unflatten(exported.in_tree, exported.in_avals)  # the weights' avals
     weights_path = os.path.join(folder, files["weights"])
     weights = {}
-    with safe_open(weights_path, "numpy") as reader:
+    # pread, as seggpt_jax.weights.readers.SafetensorsReader (which this file cannot import: see the
+    # module docstring): each tensor read into its own array, not the whole file memory-mapped
+    with safe_open(weights_path, "numpy", backend="pread") as reader:
         missing = sorted(set(expected) - set(reader.keys()))
         if missing:
             raise ValueError(f"{weights_path} lacks {len(missing)} weights the program takes, e.g. {missing[:3]}")
