@@ -18,7 +18,8 @@ from conftest import TINY_CONFIGS, max_abs, random_inputs, to_torch
 
 from seggpt_jax import RuntimeConfig, SegGptForImageSegmentation
 from seggpt_jax.nn.attention import attention_plain, resolve_impl
-from seggpt_jax.nn.flash_attention import BlockSizes, attention_flash, attention_flash_reference
+from seggpt_jax.nn.flash_attention import BlockSizes, attention_flash
+from seggpt_jax_testing.flash_reference import attention_flash_reference
 
 VIT_L_GRID = (56, 28)  # 1568 tokens
 VIT_L_HEADS, VIT_L_DIM = 16, 64
