@@ -64,7 +64,6 @@ FILE_NAMES = (PROGRAM_NAME, WEIGHTS_NAME, CONFIG_NAME, PROCESSOR_NAME, METADATA_
 #: Pallas' Triton kernels, and cuDNN's fused attention (``attention="widened"`` on GPU).
 UNGUARANTEED_CALLS = ("__gpu$xla.gpu.triton", "__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward")
 #: ``jax.export`` platform names, by the names :class:`~seggpt_jax.RuntimeConfig` accepts.
-_EXPORT_PLATFORM = {"cpu": "cpu", "cuda": "cuda", "gpu": "cuda", "tpu": "tpu"}
 _INPUT_NAMES = ("pixel_values", "prompt_pixel_values", "prompt_masks", "is_instance")
 
 
@@ -124,17 +123,14 @@ def _state(model: Any) -> Any:
 
 def export_platforms(platforms: str | Sequence[str] | None) -> tuple[str, ...]:
     """``jax.export`` platform names (``"cpu"``, ``"cuda"``, ``"tpu"``); default: this machine's backend."""
-    if platforms is None:
-        platforms = (jax.default_backend(),)
-    elif isinstance(platforms, str):
+    from .nn.attention import platform_name
+
+    if platforms is None or isinstance(platforms, str):
         platforms = (platforms,)
     out = []
     for name in platforms:
-        key = name.lower() if isinstance(name, str) else name
-        if key not in _EXPORT_PLATFORM:
-            raise ValueError(f"platform must be one of {sorted(_EXPORT_PLATFORM)}, got {name!r}")
-        if _EXPORT_PLATFORM[key] not in out:
-            out.append(_EXPORT_PLATFORM[key])
+        if platform_name(name) not in out:
+            out.append(platform_name(name))
     if not out:
         raise ValueError("platforms is empty: name at least one of cpu, cuda, tpu")
     return tuple(out)

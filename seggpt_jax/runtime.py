@@ -14,7 +14,7 @@ import os
 
 import jax
 
-from .nn.attention import ATTENTION_IMPLS, PLATFORMS, backend_of
+from .nn.attention import ATTENTION_IMPLS, PLATFORMS, platform_name
 from .nn.chunked_attention import LSE_NAME, OUT_NAME
 
 logger = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ class RuntimeConfig:
         if self.platform is not None:
             if not isinstance(self.platform, str) or self.platform.lower() not in PLATFORMS:
                 raise ValueError(f"platform must be one of {PLATFORMS} or None, got {self.platform!r}")
-            object.__setattr__(self, "platform", "cuda" if backend_of(self.platform) == "gpu" else self.platform.lower())
+            object.__setattr__(self, "platform", platform_name(self.platform))
         if not isinstance(self.scan_layers, bool):
             raise ValueError(f"scan_layers must be True or False, got {self.scan_layers!r}")
         if self.remat_policy is not None:

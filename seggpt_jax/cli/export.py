@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..nn.attention import PLATFORMS
 from . import common
 from .common import UserError, status
 
-PLATFORMS = ("cpu", "cuda", "gpu", "tpu")
 DTYPES = ("float32", "bfloat16")
 
 

@@ -78,12 +78,19 @@ PLATFORMS = ("cpu", "cuda", "gpu", "tpu")
 _HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def backend_of(platform: str | None) -> str:
-    """``"cpu"``, ``"gpu"`` or ``"tpu"`` for a target platform; ``None``: ``jax.default_backend()``."""
+def platform_name(platform: str | None) -> str:
+    """``jax.export``'s name for a target platform: ``"cpu"``, ``"cuda"`` (also for ``"gpu"``) or ``"tpu"``;
+    ``None``: ``jax.default_backend()``. Any other name is a ``ValueError``."""
     name = platform if platform is not None else jax.default_backend()
     if not isinstance(name, str) or name.lower() not in PLATFORMS:
         raise ValueError(f"platform must be one of {PLATFORMS}, got {name!r}")
     name = name.lower()
+    return "cuda" if name == "gpu" else name
+
+
+def backend_of(platform: str | None) -> str:
+    """``"cpu"``, ``"gpu"`` or ``"tpu"`` for a target platform; ``None``: ``jax.default_backend()``."""
+    name = platform_name(platform)
     return "gpu" if name == "cuda" else name
 
 
