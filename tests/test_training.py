@@ -186,18 +186,43 @@ def test_finetuning_learns_the_synthetic_task(red_shapes):
     assert iou_after >= iou_before + 0.5  # the stated margin: +0.5 IoU (measured: 0.00 -> 0.87)
 
 
+def _route_to_the_prompt(model, gain: float = 4.0):
+    """Fix layer 0's attention to look, from every query-half patch, at the prompt-half patch at the same
+    place (and nowhere else): q is one constant direction, k is zero, and the relative tables reward
+    only the row offset of half the grid and the column offset 0. The logit of that patch is then
+    ``2 gain^2`` above the rest of its row and column, ``2 gain^2`` above everything else: the
+    softmax puts ``1 - 3e-6`` of the weight on it."""
+    config = model.config
+    rows, cols = config.grid_size
+    width, heads = config.hidden_size, config.num_attention_heads
+    attention = model.model.encoder.layers[0].attention
+    kernel, bias = np.array(attention.qkv.kernel[...]), np.array(attention.qkv.bias[...])
+    kernel[:, :2 * width], bias[:2 * width] = 0, 0  # q and k: no content
+    bias[np.arange(heads) * config.head_dim] = gain  # q = gain * e0 in every head
+    table_h, table_w = np.zeros(attention.rel_pos_h[...].shape, np.float32), np.zeros(attention.rel_pos_w[...].shape,
+                                                                                      np.float32)
+    table_h[rows // 2 + rows - 1, 0] = gain  # index q_row - k_row + rows - 1: the patch half a grid above
+    table_w[cols - 1, 0] = gain  # the same column
+    attention.qkv.kernel[...], attention.qkv.bias[...] = kernel, bias
+    attention.rel_pos_h[...], attention.rel_pos_w[...] = table_h, table_w
+    return model
+
+
 @pytest.fixture(scope="module")
 def copying_model():
-    """A model trained to paint the query's mask where the prompt's mask is (it reads its prompt)."""
-    model = SegGptForImageSegmentation(SMALL, rngs=nnx.Rngs(0))
-    config = TrainConfig(steps=1500, batch_size=8, learning_rate=2e-3, min_learning_rate=2e-3, warmup_steps=20,
-                         log_every=100)
-    trainer = Trainer(model, config, batches=_tensor_batches(rows=8))
-    # the loss sits on a plateau (~1.27: the average mask) until the model finds the prompt; when it leaves
-    # it depends on float rounding (measured: after 400 to 800 steps), so train until it has left
-    history = trainer.fit(stop_after=100)
-    while history[-1]["loss"] >= 0.3 and trainer.step_count < config.steps:
-        history = trainer.fit(stop_after=100)
+    """A model that paints the query's mask where the prompt's mask is (it reads its prompt).
+
+    Learning to look at the prompt from scratch sits on a plateau (the loss stays at ~1.27, the average
+    mask) for a number of steps that depends on float rounding, so it differs between CPU generations.
+    Here the routing is fixed by hand (:func:`_route_to_the_prompt`, kept out of training) and the rest
+    learns to carry the prompt's mask to the decoder: a regression without a plateau. Measured on the
+    AVX-512 machine, also with XLA limited to AVX2 (``XLA_FLAGS=--xla_cpu_max_isa=AVX2``), the same
+    losses: 0.51 at step 100, 0.03 at 150, <= 0.02 after 200. The bar below is 0.3 after 300 steps.
+    """
+    model = _route_to_the_prompt(SegGptForImageSegmentation(SMALL, rngs=nnx.Rngs(0)))
+    config = TrainConfig(steps=300, batch_size=8, learning_rate=2e-3, min_learning_rate=2e-3, warmup_steps=20,
+                         log_every=100, trainable=r"^(?!model\.encoder\.layers\.0\.attention\.(qkv|rel_pos))")
+    history = Trainer(model, config, batches=_tensor_batches(rows=8)).fit()
     assert history[-1]["loss"] < 0.3, history
     return model
 
