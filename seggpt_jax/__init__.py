@@ -1,37 +1,49 @@
-"""seggpt-jax: SegGPT (Segmenting Everything In Context) in JAX / Flax NNX."""
+"""seggpt-jax: SegGPT (Segmenting Everything In Context) in JAX / Flax NNX.
+
+The public names below are imported on first use, so ``import seggpt_jax`` (and the command line's
+``--help``) does not start JAX.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from .weights import CheckpointError, ModelNotFoundError
-from .config import ConfigError, SegGptConfig
-from .imaging.processor import SegGptImageProcessor
-from .runtime import RuntimeConfig, enable_compilation_cache
-from .inference.prompts import Prompt
-from .inference.segmenter import InputFailure, SegmentationResult, Segmenter
-from .nn.encoder import SegGptEncoderOutput, average_prompt_features
-from .nn.layers import ModelSettings
-from .nn.loss import painter_loss, painter_loss_terms
-from .nn.models import SegGptForImageSegmentation, SegGptImageSegmentationOutput, SegGptModel
+# public name -> the module that defines it
+_EXPORTS = {
+    "CheckpointError": ".weights",
+    "ModelNotFoundError": ".weights",
+    "ConfigError": ".config",
+    "SegGptConfig": ".config",
+    "SegGptImageProcessor": ".imaging.processor",
+    "RuntimeConfig": ".runtime",
+    "enable_compilation_cache": ".runtime",
+    "Prompt": ".inference.prompts",
+    "InputFailure": ".inference.segmenter",
+    "SegmentationResult": ".inference.segmenter",
+    "Segmenter": ".inference.segmenter",
+    "SegGptEncoderOutput": ".nn.encoder",
+    "average_prompt_features": ".nn.encoder",
+    "ModelSettings": ".nn.layers",
+    "painter_loss": ".nn.loss",
+    "painter_loss_terms": ".nn.loss",
+    "SegGptForImageSegmentation": ".nn.models",
+    "SegGptImageSegmentationOutput": ".nn.models",
+    "SegGptModel": ".nn.models",
+}
 
-__all__ = [
-    "CheckpointError",
-    "ConfigError",
-    "ModelNotFoundError",
-    "ModelSettings",
-    "InputFailure",
-    "Prompt",
-    "RuntimeConfig",
-    "SegGptConfig",
-    "SegGptEncoderOutput",
-    "SegGptForImageSegmentation",
-    "SegGptImageProcessor",
-    "SegGptImageSegmentationOutput",
-    "SegGptModel",
-    "SegmentationResult",
-    "Segmenter",
-    "average_prompt_features",
-    "painter_loss",
-    "painter_loss_terms",
-    "enable_compilation_cache",
-    "__version__",
-]
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

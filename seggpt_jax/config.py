@@ -173,11 +173,10 @@ class SegGptConfig:
         return out
 
     def to_json_file(self, path: str | os.PathLike, **extra: Any) -> None:
-        data = self.to_dict()
-        data.update(extra)
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
+        """Write ``config.json`` (atomically), with ``extra`` keys beside the fields."""
+        from .files import write_json
+
+        write_json(path, {**self.to_dict(), **extra})
 
     def replace(self, **changes: Any) -> "SegGptConfig":
         return dataclasses.replace(self, **changes)

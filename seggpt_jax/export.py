@@ -123,7 +123,7 @@ def _state(model: Any) -> Any:
 
 def export_platforms(platforms: str | Sequence[str] | None) -> tuple[str, ...]:
     """``jax.export`` platform names (``"cpu"``, ``"cuda"``, ``"tpu"``); default: this machine's backend."""
-    from .nn.attention import platform_name
+    from .runtime import platform_name
 
     if platforms is None or isinstance(platforms, str):
         platforms = (platforms,)

@@ -1,9 +1,12 @@
-"""How the model runs, as opposed to what it computes: attention kernel, layer scan, remat, XLA cache.
+"""How the model runs, as opposed to what it computes: the names of every execution choice (target
+platforms, attention implementations, remat policies and the activations they save), the
+:class:`RuntimeConfig` that holds a model's choices, and the XLA compilation cache.
 
 A model holds its :class:`RuntimeConfig` once (in its ``settings``, static data of the graph);
 ``model.with_runtime(...)`` gives a new model over the same parameters, compiled anew on its first
 call. None of these switches changes the result beyond float32 rounding; the tests check each
-against the plain path.
+against the plain path. This module imports nothing heavy (no JAX at import time), so the command
+line can list these names in its ``--help`` without starting JAX.
 """
 
 from __future__ import annotations
@@ -12,12 +15,12 @@ import dataclasses
 import logging
 import os
 
-import jax
-
-from .nn.attention import ATTENTION_IMPLS, PLATFORMS, platform_name
-from .nn.chunked_attention import LSE_NAME, OUT_NAME
-
 logger = logging.getLogger(__name__)
+
+#: Target platforms, as ``jax.export`` names them (``"gpu"`` is accepted for ``"cuda"``).
+PLATFORMS = ("cpu", "cuda", "gpu", "tpu")
+#: Attention implementations (:mod:`seggpt_jax.nn.attention`).
+ATTENTION_IMPLS = ("auto", "plain", "chunked", "flash", "widened")
 
 #: The activations each transformer layer names with ``jax.ad_checkpoint.checkpoint_name``
 #: (:class:`seggpt_jax.nn.layers.SegGptLayer`): the outputs of its matmuls.
@@ -30,19 +33,29 @@ logger = logging.getLogger(__name__)
 #: (``mlp.lin2``'s output is not named: only a residual add follows it, so no backward pass needs it.)
 MATMUL_OUTPUTS = ("qkv", "attention", "attention_out", "mlp_hidden")
 
-#: What the fused attention kernels keep for their own backward pass, by ``checkpoint_name``: the output
-#: and the per-query log-sum-exp of :mod:`seggpt_jax.nn.chunked_attention` and of
-#: :mod:`seggpt_jax.nn.flash_attention` (``"flash_out"``, ``"flash_lse"``). The output is the array
-#: named ``"attention"``; the log-sum-exp is ``[B * heads, N]``. Without them the backward pass reruns
-#: the kernel's whole forward to get the log-sum-exp back.
-ATTENTION_RESIDUALS = (OUT_NAME, LSE_NAME, "flash_out", "flash_lse")
+#: ``checkpoint_name``s of what the fused attention kernels keep for their own backward pass: the
+#: output and the per-query log-sum-exp (``[B * heads, N]`` float32) of
+#: :mod:`seggpt_jax.nn.chunked_attention` and of :mod:`seggpt_jax.nn.flash_attention`.
+CHUNKED_OUT_NAME, CHUNKED_LSE_NAME = "chunked_attention_out", "chunked_attention_lse"
+FLASH_OUT_NAME, FLASH_LSE_NAME = "flash_out", "flash_lse"
+#: Without them the backward pass reruns the kernel's whole forward to get the log-sum-exp back.
+ATTENTION_RESIDUALS = (CHUNKED_OUT_NAME, CHUNKED_LSE_NAME, FLASH_OUT_NAME, FLASH_LSE_NAME)
 
 #: Our remat policy names (see :class:`RuntimeConfig`); ``jax.checkpoint_policies`` names are accepted too.
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.save_only_these_names(*MATMUL_OUTPUTS, *ATTENTION_RESIDUALS),
-    "none": jax.checkpoint_policies.everything_saveable,
-}
+REMAT_POLICIES = ("full", "dots", "none")
+
+
+def platform_name(platform: str | None) -> str:
+    """``jax.export``'s name for a target platform: ``"cpu"``, ``"cuda"`` (also for ``"gpu"``) or ``"tpu"``;
+    ``None``: ``jax.default_backend()``. Any other name is a ``ValueError``."""
+    if platform is None:
+        import jax
+
+        platform = jax.default_backend()
+    if not isinstance(platform, str) or platform.lower() not in PLATFORMS:
+        raise ValueError(f"platform must be one of {PLATFORMS}, got {platform!r}")
+    name = platform.lower()
+    return "cuda" if name == "gpu" else name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,8 +150,13 @@ class RuntimeConfig:
 def remat_policy(name: str):
     """The ``jax.checkpoint`` policy for a name: one of :data:`REMAT_POLICIES`, or a
     ``jax.checkpoint_policies`` policy (``"everything_saveable"``, ``"dots_saveable"``, ...)."""
-    if name in REMAT_POLICIES:
-        return REMAT_POLICIES[name]
+    import jax
+
+    ours = {"full": jax.checkpoint_policies.nothing_saveable,
+            "dots": jax.checkpoint_policies.save_only_these_names(*MATMUL_OUTPUTS, *ATTENTION_RESIDUALS),
+            "none": jax.checkpoint_policies.everything_saveable}
+    if name in ours:
+        return ours[name]
     policy = getattr(jax.checkpoint_policies, name, None)
     if name.startswith("_") or not name.endswith("saveable") or not callable(policy):
         known = sorted(set(REMAT_POLICIES) | {n for n in dir(jax.checkpoint_policies) if n.endswith("saveable")})
@@ -158,6 +176,8 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> str:
     """
     folder = os.fspath(path) if path is not None else os.environ.get("SEGGPT_JAX_CACHE") or default_cache_dir()
     os.makedirs(folder, exist_ok=True)
+    import jax
+
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -67,11 +67,11 @@ def test_segment_binary_folder(workspace, capsys):
     assert "segmented 5 of 5 images (binary, 1 prompt)" in captured.out and "wrote 10 files" in captured.out
     assert "loading" in captured.err and "5/5" in captured.err  # status lines and the progress bar
     for i, (h, w_) in enumerate(w["sizes"]):
-        mask = Image.open(os.path.join(w["out"], f"img{i}_mask.png"))
-        overlay = Image.open(os.path.join(w["out"], f"img{i}_overlay.png"))
+        mask = Image.open(os.path.join(w["out"], f"img{i}.jpg_mask.png"))
+        overlay = Image.open(os.path.join(w["out"], f"img{i}.jpg_overlay.png"))
         assert mask.mode == "L" and mask.size == (w_, h) and set(np.unique(np.asarray(mask))) <= {0, 255}
         assert overlay.mode == "RGB" and overlay.size == (w_, h)
-    assert _outputs(w["out"]) == sorted([f"img{i}_{k}.png" for i in range(5) for k in ("mask", "overlay")])
+    assert _outputs(w["out"]) == sorted([f"img{i}.jpg_{k}.png" for i in range(5) for k in ("mask", "overlay")])
 
 
 def test_readme_main_job_runs_on_the_shipped_examples(workspace, tmp_path):
@@ -81,7 +81,7 @@ def test_readme_main_job_runs_on_the_shipped_examples(workspace, tmp_path):
                              "--prompt-mask", "examples/prompt_mask.png", "--out-dir", str(tmp_path / "out"),
                              "--model", w["model"]], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    queries = sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(EXAMPLES, "queries")))
+    queries = sorted(os.listdir(os.path.join(EXAMPLES, "queries")))
     assert _outputs(tmp_path / "out") == sorted(f"{q}_{k}.png" for q in queries for k in ("mask", "overlay"))
 
 
@@ -94,7 +94,7 @@ def test_segment_semantic_with_two_prompts_via_console_script(workspace):
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert "(3 classes, 2 prompts)" in result.stdout
-    mask = Image.open(os.path.join(w["out"], "img1_mask.png"))
+    mask = Image.open(os.path.join(w["out"], "img1.jpg_mask.png"))
     assert mask.mode == "P" and mask.size == (31, 75) and np.asarray(mask).max() <= 3
     assert mask.getpalette()[:6] == [0, 0, 0, 255, 255, 255]  # class ids are indices into the SegGPT palette
 
@@ -110,7 +110,7 @@ def test_a_truncated_jpeg_in_the_middle_fails_alone(workspace, capsys):
     assert code == 1
     assert "segmented 4 of 5 images" in captured.out and "1 input failed:" in captured.out
     assert f"cannot read image {os.path.join(photos, 'img2.jpg')}: the file is truncated" in captured.out
-    assert _outputs(w["out"]) == sorted(f"img{i}_{k}.png" for i in (0, 1, 3, 4) for k in ("mask", "overlay"))
+    assert _outputs(w["out"]) == sorted(f"img{i}.jpg_{k}.png" for i in (0, 1, 3, 4) for k in ("mask", "overlay"))
     assert not [f for f in os.listdir(w["out"]) if f.startswith(".partial")]
 
 
@@ -130,23 +130,26 @@ def test_outputs_respect_the_umask(workspace):
 def test_rerun_into_the_input_folder_skips_its_own_outputs_and_never_replaces_other_files(workspace, capsys):
     w = workspace
     photos = w["photos"]
-    _save(os.path.join(photos, "img0_overlay.png"), np.zeros((5, 5, 3), np.uint8))  # the user's file, same name
+    _save(os.path.join(photos, "img0.jpg_overlay.png"), np.zeros((5, 5, 3), np.uint8))  # the user's file, same name
     assert _segment(w, out=photos) == 1
     out = capsys.readouterr().out
-    assert "segmented 5 of 6 images" in out and "img0_overlay.png exists and was not written by seggpt-jax" in out
-    ours = [f for f in os.listdir(photos) if f.startswith("img1_")]
-    assert sorted(ours) == ["img1_mask.png", "img1_overlay.png"]
+    assert "segmented 5 of 6 images" in out and "img0.jpg_overlay.png exists and was not written by seggpt-jax" in out
+    ours = [f for f in os.listdir(photos) if f.startswith("img1.")]
+    assert sorted(ours) == ["img1.jpg", "img1.jpg_mask.png", "img1.jpg_overlay.png"]
     before = {f: os.stat(os.path.join(photos, f)).st_mtime_ns for f in os.listdir(photos)}
-    assert np.asarray(Image.open(os.path.join(photos, "img0_overlay.png"))).max() == 0  # left alone
+    assert np.asarray(Image.open(os.path.join(photos, "img0.jpg_overlay.png"))).max() == 0  # left alone
 
-    assert _segment(w, out=photos) == 1  # without --overwrite: nothing to do, the model is not even loaded
-    err = capsys.readouterr().err
-    assert "nothing to do" in err and "pass --overwrite" in err and "loading" not in err
+    assert _segment(w, out=photos) == 1  # a rerun: the 5 done are skipped, the model is not even loaded
+    captured = capsys.readouterr()
+    assert "segmented 0 of 6 images" in captured.out and "5 already done (skipped)" in captured.out
+    assert "img0.jpg_overlay.png exists and was not written by seggpt-jax" in captured.out
+    assert "loading" not in captured.err
+    assert {f: os.stat(os.path.join(photos, f)).st_mtime_ns for f in os.listdir(photos)} == before
 
     assert _segment(w, "--overwrite", out=photos) == 1  # replaces its own outputs only; never reads them as inputs
     out = capsys.readouterr().out
     assert "segmented 5 of 6 images" in out and "wrote 10 files" in out
-    assert np.asarray(Image.open(os.path.join(photos, "img0_overlay.png"))).max() == 0
+    assert np.asarray(Image.open(os.path.join(photos, "img0.jpg_overlay.png"))).max() == 0
     assert set(os.listdir(photos)) == set(before)
 
 
@@ -279,10 +282,10 @@ def test_disk_full_or_read_only_is_one_line(workspace, capsys, monkeypatch, erro
     written = []
     real = files.atomic_save
 
-    def failing(path, write):
+    def failing(path, write, **kwargs):
         if len(written) >= 2:
             raise OSError(error, os.strerror(error), path)
-        real(path, write)
+        real(path, write, **kwargs)
         written.append(path)
 
     monkeypatch.setattr(files, "atomic_save", failing)
@@ -296,14 +299,16 @@ def test_disk_full_or_read_only_is_one_line(workspace, capsys, monkeypatch, erro
 
 def test_segment_warns_for_a_mask_of_another_size(workspace, capsys):
     w = workspace
-    other = _save(w["tmp"] / "small_mask.png", np.zeros((20, 30), np.uint8), "L")
+    small = np.zeros((20, 30), np.uint8)
+    small[5:15, 10:20] = 255
+    other = _save(w["tmp"] / "small_mask.png", small, "L")
     code = _segment(w, inputs=[os.path.join(w["photos"], "img0.jpg")],
                     prompt=["--prompt-image", w["prompt"], "--prompt-mask", other])
     err = capsys.readouterr().err
     assert code == 0, err
     warnings = [line for line in err.splitlines() if "warning:" in line]
     assert len(warnings) == 1 and f"prompt mask {other} is 30x20 but its image is 50x50" in warnings[0]
-    assert os.path.isfile(os.path.join(w["out"], "img0_mask.png"))
+    assert os.path.isfile(os.path.join(w["out"], "img0.jpg_mask.png"))
 
 
 def test_offline_without_weights_fails_in_one_line(workspace, tmp_path):
@@ -392,7 +397,7 @@ def test_video_of_mixed_frame_sizes_and_first_frame_as_prompt(hf_tiny, tmp_path,
     code = main(["video", str(source), "--prompt-mask", first_mask, "--out-dir", str(out_dir), "--overlay", "gif",
                  "--fps", "4", "--model", model])
     assert code == 0, capsys.readouterr().err
-    assert Image.open(out_dir / "frames" / "f001_mask.png").size == (37, 50)
+    assert Image.open(out_dir / "frames" / "f001.png_mask.png").size == (37, 50)
     animation = Image.open(out_dir / "overlay.gif")
     assert animation.n_frames == 4 and animation.size == (56, 40) and animation.info["duration"] == 250
 

@@ -79,7 +79,7 @@ def test_tune_prompt_then_segment_and_evaluate_with_it(hf_tiny, data, tmp_path, 
     image = os.path.join(data["folder"], "images", "0000.png")
     assert main(["segment", image, "--learned-prompt", prompt, "--model", model, "--out-dir", str(out_dir)]) == 0
     assert "2 prompts" in capsys.readouterr().out
-    assert Image.open(out_dir / "0000_mask.png").size == (32, 32)
+    assert Image.open(out_dir / "0000.png_mask.png").size == (32, 32)
     assert main(["segment", image, "--learned-prompt", prompt, "--prompt-image", image, "--prompt-mask", image,
                  "--model", model, "--out-dir", str(out_dir)]) == 1
     assert "either --learned-prompt or --prompt-image" in capsys.readouterr().err

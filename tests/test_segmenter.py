@@ -132,7 +132,7 @@ def test_segmenter_errors(tiny):
     _, _, model = tiny
     segmenter = Segmenter(model)
     query, prompt = _image(20, 20, 70), _image(20, 20, 71)
-    with pytest.raises(ValueError, match=r"prompt mask \(ndarray\) .*has labels \[4\] above num_labels=3"):
+    with pytest.raises(ValueError, match=r"prompt mask \(ndarray of shape \(20, 20\)\) has labels \[4\] above num_labels=3"):
         segmenter.segment(query, prompts=(prompt, np.full((20, 20), 4)), num_labels=3)
     with pytest.raises(ValueError, match="semantic mode needs num_labels"):
         segmenter.segment(query, prompts=(prompt, np.zeros((20, 20))), binary=False)
@@ -169,10 +169,17 @@ def test_video_context_cache(tiny, context):
     assert len(results) == len(clip) and all(r.mask.shape == (48, 64) for r in results)
     processor = segmenter.processor
     first_image = processor(prompt_images=clip[0], return_tensors="np")["prompt_pixel_values"][0]
+    slots = context + 1  # every frame runs with the same number of prompt slots: one compiled program
     for t, call in enumerate(recorder.calls):
         count = 1 + min(t, context)
-        assert call["prompt_pixel_values"].shape[0] == count, t
-        assert call["feature_ensemble"] == (count > 1) and call["ensemble_mode"] == "original"
+        assert call["prompt_pixel_values"].shape[0] == slots, t
+        assert call["feature_ensemble"] == (slots > 1) and call["ensemble_mode"] == "original"
+        if slots > 1:  # the slots the first frames cannot fill yet are masked out of the ensemble ...
+            np.testing.assert_array_equal(call["prompt_valid"], np.arange(slots) < count)
+            unpadded = model(call["pixel_values"][:count], call["prompt_pixel_values"][:count],
+                             call["prompt_masks"][:count], feature_ensemble=count > 1, ensemble_mode="original")
+            # ... which gives what the frame's prompts alone give
+            np.testing.assert_allclose(call["pred"][0], np.asarray(unpadded.pred_masks)[0], atol=1e-5)
         np.testing.assert_array_equal(call["prompt_pixel_values"][0], first_image)
         for j in range(1, count):  # the previous frames, oldest first, with their binarised predictions
             source = t - (count - j)

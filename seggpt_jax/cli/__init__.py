@@ -1,5 +1,5 @@
 """The ``seggpt-jax`` command line."""
 
-from .main import main
+from .main import console_main, main
 
-__all__ = ["main"]
+__all__ = ["console_main", "main"]

@@ -53,12 +53,14 @@ class Parser(argparse.ArgumentParser):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows every option's default (when it has one)."""
+    """Shows every option's default (when it has one; 0 is a default, None and off-switches are not)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help_text = action.help or ""
-        if action.default in (None, False, [], argparse.SUPPRESS) or "%(default)" in help_text or \
-                "default" in help_text:
+        default = action.default
+        unset = default is None or default is False or default is argparse.SUPPRESS or \
+            (isinstance(default, list) and not default)
+        if unset or "%(default)" in help_text or "default" in help_text:
             return help_text
         return help_text + " (default: %(default)s)"
 
@@ -80,14 +82,42 @@ def add_model_options(parser: argparse.ArgumentParser, *, inference: bool = True
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="Hub repo id, local folder or weight file (anything from_pretrained accepts)")
     add_hub_options(parser)
+    group = parser.add_argument_group("how the model runs")
     if inference:
-        group = parser.add_argument_group("how the model runs")
         group.add_argument("--batch-size", type=positive_int, default=None,
                            help="rows per forward (query x prompt pairs); default: the fastest per image for the "
                                 "device (1 on CPU, 32 on accelerators)")
-        group.add_argument("--compilation-cache", nargs="?", const=True, default=None, metavar="DIR",
-                           help="keep compiled programs across runs, in DIR (default folder with no DIR: "
-                                "~/.cache/seggpt_jax/xla, or $SEGGPT_JAX_CACHE)")
+    add_compilation_cache_option(group)
+
+
+def add_positional_model(parser: argparse.ArgumentParser, metavar: str, help_text: str) -> None:
+    """The model as a positional argument, with ``--model`` accepted for it too (one of the two)."""
+    parser.add_argument("model_arg", nargs="?", metavar=metavar, help=f"{help_text} (or --model)")
+    parser.add_argument("--model", dest="model_option", default=None, help=f"the same as {metavar}")
+    parser.set_defaults(positional_model=metavar)
+
+
+def resolve_model_argument(args: argparse.Namespace) -> str:
+    """The model of a command that takes it positionally or as ``--model`` (exactly one of them)."""
+    given = [v for v in (getattr(args, "model_arg", None), getattr(args, "model_option", None)) if v is not None]
+    if len(given) != 1:
+        raise UserError(f"give the model as {args.positional_model} or --model, once"
+                        if given else f"give the model: {args.positional_model} (or --model)")
+    return given[0]
+
+
+def add_compilation_cache_option(parser) -> None:
+    parser.add_argument("--compilation-cache", nargs="?", const=True, default=None, metavar="DIR",
+                        help="keep compiled programs across runs, in DIR (default folder with no DIR: "
+                             "~/.cache/seggpt_jax/xla, or $SEGGPT_JAX_CACHE)")
+
+
+def add_max_pixels_option(parser) -> None:
+    from ..imaging.decode import DEFAULT_MAX_PIXELS
+
+    parser.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                        help="refuse input images of more than N pixels (read from the file's header, before "
+                             "decoding); a query of P pixels takes about 12 P bytes of memory beside the model")
 
 
 def add_prompt_options(parser: argparse.ArgumentParser, *, learned: bool = True) -> None:
@@ -130,24 +160,46 @@ def add_overwrite_option(parser: argparse.ArgumentParser) -> None:
 
 
 # ------------------------------------------------------------------------------------ validation
-def check_output_folder(path: str, option: str = "--out-dir") -> None:
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"{option} {path} exists and is not a folder")
+def check_output_folder(path: str, option: str = "--out-dir") -> str:
+    """``path`` is, or can be made, a folder we can write in (probed now, before any work)."""
+    from ..files import check_writable_folder
+
+    return check_writable_folder(path, option)
 
 
-def check_output_file(path: str, option: str = "--output") -> None:
-    if os.path.isdir(path):
-        raise UserError(f"{option} {path} is a folder; give a file name")
+def output_file(path: str, option: str, *, overwrite: bool, companions: tuple[str, ...] = (),
+                resume: bool = False):
+    """The :class:`~seggpt_jax.files.OutputFolder` that holds an output file ``path`` (and its
+    ``companions``, suffixes of files written beside it), checked now: the folder can be written, and
+    none of the files is someone else's. An earlier run's file is replaced only with ``overwrite``
+    (or continued with ``resume``)."""
+    from ..files import FOREIGN, OUTPUT_STATES_OURS, OutputFolder
+
+    if not path or os.path.isdir(path) or path.endswith(os.sep):
+        raise UserError(f"{option} {path!r} is a folder or empty; give a file name")
     parent = os.path.dirname(os.path.abspath(path))
-    if os.path.exists(parent) and not os.path.isdir(parent):
-        raise UserError(f"{option} {path}: {parent} is not a folder")
+    check_output_folder(parent, f"{option} {path}: its folder")
+    folder = OutputFolder(parent, overwrite=overwrite)
+    base = os.path.basename(path)
+    for name in (base, *(base + suffix for suffix in companions)):
+        state = folder.status(name)
+        if state == FOREIGN:
+            raise UserError(f"{os.path.join(parent, name)} exists and was not written by seggpt-jax (or was changed "
+                            f"since); it is left alone: choose another {option}")
+        if state in OUTPUT_STATES_OURS and not (overwrite or resume):
+            raise UserError(f"{os.path.join(parent, name)} exists (written by an earlier run); pass --overwrite "
+                            f"to replace it")
+    return folder
 
 
 def check_compilation_cache(args: argparse.Namespace) -> None:
+    """A writable compilation-cache folder (``--compilation-cache``), checked before anything loads."""
     cache = getattr(args, "compilation_cache", None)
-    if isinstance(cache, str):
-        if os.path.exists(cache) and not os.path.isdir(cache):
-            raise UserError(f"--compilation-cache {cache} exists and is not a folder")
+    if cache:
+        from ..runtime import default_cache_dir
+
+        folder = cache if isinstance(cache, str) else os.environ.get("SEGGPT_JAX_CACHE") or default_cache_dir()
+        check_output_folder(folder, "--compilation-cache")
 
 
 def colour_map(args: argparse.Namespace):
@@ -182,12 +234,69 @@ def load_model(args: argparse.Namespace, source: str | None = None, **kwargs: An
     return model
 
 
+# ------------------------------------------------------------------------------------ work on threads
+class _Background:
+    """Work on a daemon thread, with its own "finished" flag: ``Thread.is_alive`` cannot be trusted after
+    a ``join`` interrupted by Ctrl-C (Python marks the thread stopped although it still runs)."""
+
+    def __init__(self, target: Callable[[], None], name: str):
+        import threading
+
+        self.finished = threading.Event()
+
+        def run() -> None:
+            try:
+                target()
+            finally:
+                self.finished.set()
+
+        self.thread = threading.Thread(target=run, name=name, daemon=True)
+
+    def running(self) -> bool:
+        return not self.finished.is_set()
+
+    def wait(self) -> None:
+        while not self.finished.wait(0.1):  # interruptible, unlike a long Thread.join
+            pass
+
+
+_background: list[_Background] = []  # work started ahead (compilations); waited for when a command ends
+_abandon_on_exit = False
+
+
+def start_background(target: Callable[[], None], name: str) -> _Background:
+    """Run ``target`` on a daemon thread that :func:`join_background` waits for when the command ends."""
+    work = _Background(target, name)
+    _background.append(work)
+    work.thread.start()
+    return work
+
+
+def background_running() -> bool:
+    return any(work.running() for work in _background)
+
+
+def abandon_background_on_exit() -> None:
+    """The console script ends the process itself (without interpreter shutdown) while work is left on
+    threads: then a command's end need not wait for it."""
+    global _abandon_on_exit
+    _abandon_on_exit = True
+
+
+def join_background() -> None:
+    """Wait for the work a command started (unless the process is about to end without it)."""
+    if not _abandon_on_exit:
+        while _background:
+            _background.pop().wait()
+
+
 def compile_ahead(args: argparse.Namespace, *, queries: int, prompts: int) -> Callable[[], None]:
     """Start compiling the first batch's forward while the weights load (see
-    :func:`seggpt_jax.inference.segmenter.compile_ahead`); returns the function that waits for it. When
-    the config cannot be read on its own (a weight file without config.json) nothing starts."""
+    :func:`seggpt_jax.inference.segmenter.compile_forward`); returns the function that waits for it,
+    saying so when it has to wait. When the config cannot be read on its own (a weight file without
+    config.json) nothing starts."""
     from ..config import ConfigError, SegGptConfig
-    from ..inference.segmenter import compile_ahead as start
+    from ..inference.segmenter import compile_forward
     from ..weights import CheckpointError
 
     try:
@@ -196,17 +305,40 @@ def compile_ahead(args: argparse.Namespace, *, queries: int, prompts: int) -> Ca
                                          local_files_only=args.local_files_only)
     except (ConfigError, CheckpointError, OSError):
         return lambda: None
-    status("compiling the forward while the weights load ...")
-    return start(config, queries=queries, prompts=prompts, batch_size=getattr(args, "batch_size", None),
-                 ensemble_mode=getattr(args, "ensemble_mode", "transformers"))
+    batch = getattr(args, "batch_size", None)
+    status(f"compiling the forward (first batch: {queries if batch is None else min(batch, queries)} "
+           f"quer{'y' if queries == 1 else 'ies'} x {plural(prompts, 'prompt')}) while the weights load ...")
+    started = time.perf_counter()
+
+    finished: list[float] = []
+
+    def run() -> None:
+        try:
+            compile_forward(config, queries=queries, prompts=prompts, batch_size=batch,
+                            ensemble_mode=getattr(args, "ensemble_mode", "transformers"))
+            finished.append(time.perf_counter())
+        except Exception as e:  # noqa: BLE001 - only a head start: the first batch compiles and reports
+            logging.getLogger(__name__).debug("compiling ahead failed: %s", e)
+
+    work = start_background(run, "seggpt-jax-compile")
+
+    def wait() -> None:
+        if work.running():
+            status(f"waiting for the compilation to finish (started {time.perf_counter() - started:.0f}s ago) ...")
+        work.wait()
+        if finished:
+            status(f"compiled in {finished[0] - started:.1f}s")
+
+    return wait
 
 
 def make_segmenter(args: argparse.Namespace, model=None):
     from ..inference.segmenter import Segmenter
 
     model = model if model is not None else load_model(args)
+    extra = {"max_pixels": args.max_pixels} if hasattr(args, "max_pixels") else {}
     return Segmenter(model, batch_size=getattr(args, "batch_size", None), compilation_cache=args.compilation_cache,
-                     ensemble_mode=getattr(args, "ensemble_mode", "transformers"))
+                     ensemble_mode=getattr(args, "ensemble_mode", "transformers"), **extra)
 
 
 # ------------------------------------------------------------------------------------ output

@@ -24,7 +24,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                     "transformers.SegGptForImageSegmentation.from_pretrained loads), or the original BAAI names. "
                     "Checks that the result reloads bit-identically and, when torch and transformers are installed, "
                     "prints a parity report against transformers. Files other than the ones it writes are left alone.")
-    convert.add_argument("src", metavar="SRC", help="Hub repo id, local folder, or weight file")
+    common.add_positional_model(convert, "SRC", "Hub repo id, local folder, or weight file")
     convert.add_argument("--out-dir", required=True, help="output folder (created if needed)")
     convert.add_argument("--to", choices=LAYOUTS, default="seggpt-jax", help="the layout to write")
     common.add_overwrite_option(convert)
@@ -37,12 +37,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                             f"for ViT-L on 2 CPU cores)")
     check.add_argument("--tolerance", type=common.positive_float, default=1e-4,
                        help="largest pred_masks max abs error for the report to pass")
+    common.add_compilation_cache_option(check)
     convert.set_defaults(run=run_convert)
 
     info = sub.add_parser("info", formatter_class=common.HelpFormatter,
                           help="show a checkpoint's config, parameter count, dtype and device",
                           description="Load a checkpoint and describe it.")
-    info.add_argument("model", metavar="MODEL", help="Hub repo id, local folder, or weight file")
+    common.add_positional_model(info, "MODEL", "Hub repo id, local folder, or weight file")
     common.add_hub_options(info)
     info.set_defaults(run=run_info)
 
@@ -66,9 +67,11 @@ def run_convert(args: argparse.Namespace) -> int:
     from ..nn.models import SegGptForImageSegmentation
     from ..weights import flat_parameters
 
+    source = common.resolve_model_argument(args)
     common.check_output_folder(args.out_dir)
+    common.check_compilation_cache(args)
     folder = OutputFolder(args.out_dir, overwrite=args.overwrite)
-    model = common.load_model(args, args.src, param_dtype=jnp.dtype(args.dtype))
+    model = common.load_model(args, source, param_dtype=jnp.dtype(args.dtype))
     status(describe(model))
     with staging_folder(folder.create()) as staging:
         status(f"writing the {args.to} layout ...")
@@ -87,10 +90,14 @@ def run_convert(args: argparse.Namespace) -> int:
     print(f"wrote {args.out_dir} ({', '.join(names)}; {args.to} layout); reload is bit-identical")
     if args.no_parity:
         return 0
-    return _parity_report(args, reloaded)
+    if args.compilation_cache:
+        from ..runtime import enable_compilation_cache
+
+        enable_compilation_cache(None if args.compilation_cache is True else args.compilation_cache)
+    return _parity_report(args, source, reloaded)
 
 
-def _parity_report(args: argparse.Namespace, model) -> int:
+def _parity_report(args: argparse.Namespace, source: str, model) -> int:
     import sys
 
     from . import parity
@@ -102,7 +109,7 @@ def _parity_report(args: argparse.Namespace, model) -> int:
     if args.to == "transformers":
         source_dir, source = args.out_dir, "read by transformers from --out-dir"
     else:
-        resolved = resolve(args.src, revision=args.revision, cache_dir=args.cache_dir,
+        resolved = resolve(source, revision=args.revision, cache_dir=args.cache_dir,
                            local_files_only=args.local_files_only)
         weights_dir = os.path.dirname(resolved.weights)
         with open_weights(resolved.weights) as reader:
@@ -129,7 +136,7 @@ def _parity_report(args: argparse.Namespace, model) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    model = common.load_model(args, args.model)
+    model = common.load_model(args, common.resolve_model_argument(args))
     print(describe(model))
     print(json.dumps(model.config.to_dict(), indent=2, sort_keys=True))
     return 0

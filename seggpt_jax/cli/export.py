@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..nn.attention import PLATFORMS
+from ..runtime import ATTENTION_IMPLS, PLATFORMS
 from . import common
 from .common import UserError, status
 
@@ -22,7 +22,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                     "arguments), preprocessor_config.json, and export.json (input and output shapes and dtypes, "
                     "image size, mean/std, prompt count, platforms, versions). seggpt_jax.export.load(OUT) runs "
                     "it without the model code. Files other than the ones it writes are left alone.")
-    export.add_argument("model", metavar="MODEL", help="Hub repo id, local folder, or weight file")
+    common.add_positional_model(export, "MODEL", "Hub repo id, local folder, or weight file")
     export.add_argument("--out-dir", required=True, help="output folder (created if needed)")
     export.add_argument("--platform", action="append", choices=PLATFORMS, default=None,
                         help="platform to run on (repeat for several; they must share one attention kernel); "
@@ -36,7 +36,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         help="compute dtype (float32 runs every matmul at the highest precision)")
     export.add_argument("--weights-dtype", choices=DTYPES, default="float32", help="dtype of the stored weights")
     export.add_argument("--attention", default="auto",
-                        choices=["auto", "plain", "chunked", "flash", "widened"],
+                        choices=ATTENTION_IMPLS,
                         help="attention kernel (auto: chunked on CPU, the fused Pallas kernel on GPU and TPU)")
     common.add_overwrite_option(export)
     common.add_hub_options(export)
@@ -51,6 +51,7 @@ def run_export(args: argparse.Namespace) -> int:
     from ..imaging.processor import SegGptImageProcessor
     from ..runtime import RuntimeConfig
 
+    source = common.resolve_model_argument(args)
     common.check_output_folder(args.out_dir)
     try:
         require_serialization()
@@ -62,10 +63,10 @@ def run_export(args: argparse.Namespace) -> int:
     folder = OutputFolder(args.out_dir, overwrite=args.overwrite)
     for name in FILE_NAMES:
         folder.check(name)  # before the model loads (OutputConflict: one line, exit status 1)
-    model = common.load_model(args, args.model, dtype=dtype, precision="highest" if args.dtype == "float32" else None,
+    model = common.load_model(args, source, dtype=dtype, precision="highest" if args.dtype == "float32" else None,
                               runtime=RuntimeConfig(attention=args.attention))
     processor = SegGptImageProcessor.from_pretrained(
-        args.model, revision=args.revision, cache_dir=args.cache_dir, local_files_only=args.local_files_only,
+        source, revision=args.revision, cache_dir=args.cache_dir, local_files_only=args.local_files_only,
         size={"height": model.config.query_size[0], "width": model.config.query_size[1]})
     status(f"lowering the forward for {', '.join(platforms)} (batch {args.batch_size} x {args.prompts} "
            f"prompt{'s' if args.prompts > 1 else ''}, {args.dtype}) ...")

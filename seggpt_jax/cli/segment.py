@@ -1,8 +1,14 @@
 """``seggpt-jax segment`` and ``seggpt-jax video``: files in, masks and overlays out, nothing lost.
 
 Everything the user typed is checked before the model loads (prompts decoded, options validated,
-output names checked). Each input then succeeds or fails alone: a bad image is named in the summary,
-every good one is still written, and the exit status is 1 when anything failed.
+output folder writable, output names checked). Each input then succeeds or fails alone: a bad image
+is named in the summary, every good one is still written, and the exit status is 1 when anything
+failed.
+
+Output names come from the whole input name (``x.jpg`` -> ``x.jpg_mask.png``), so two inputs never
+share one; inputs from different folders with the same name are refused before any work. A rerun into
+the same folder resumes: inputs whose outputs an earlier run of the same job (model, prompts, options)
+completed are skipped, half-written ones are completed, and the run exits 0 when everything is done.
 """
 
 from __future__ import annotations
@@ -10,12 +16,12 @@ from __future__ import annotations
 import argparse
 import collections
 import errno
+import hashlib
+import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
-
-from PIL import Image
 
 from . import common
 from .common import UserError, plural, status
@@ -29,14 +35,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="segment images or folders from one or more (image, mask) examples",
         description="Segment every input image the way the prompt masks segment the prompt images. Writes "
                     "NAME_mask.png (0/255 in binary mode; class ids as a palette PNG with --num-labels) and "
-                    "NAME_overlay.png for each input into --out-dir. Binary prompt masks are fed with their own "
-                    "levels (anti-aliased edges included), as the BAAI code does; several prompts are "
-                    "feature-ensembled. Files this tool wrote are skipped as inputs and replaced only with "
-                    "--overwrite; no other file is ever replaced.")
+                    "NAME_overlay.png for each input NAME (its whole file name, e.g. x.jpg_mask.png) into "
+                    "--out-dir. Binary prompt masks are fed with their own levels (anti-aliased edges included), as "
+                    "the BAAI code does; a mask drawn only in its alpha channel is read from it; several prompts are "
+                    "feature-ensembled. A rerun into the same --out-dir skips the inputs an earlier run of the same "
+                    "job finished and completes the rest. Files this tool wrote are skipped as inputs and replaced "
+                    "only with --overwrite; no other file is ever replaced.")
     segment.add_argument("inputs", nargs="+", metavar="INPUT", help="images, or folders of images")
     common.add_prompt_options(segment)
     segment.add_argument("--out-dir", required=True, help="output folder (created if needed)")
     common.add_overwrite_option(segment)
+    common.add_max_pixels_option(segment)
     common.add_mask_options(segment, max_labels=MAX_LABELS)
     mode = segment.add_argument_group("modes")
     mode.add_argument("--embedding-type", choices=["instance", "semantic"],
@@ -52,7 +61,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         description="Segment every frame of CLIP (a folder of frames, an animated GIF/WebP/APNG, or a video file "
                     "with the video extra) from the prompt plus the last K predicted frames as extra prompts, as "
                     "the BAAI code does. Frames are read, segmented and written one at a time: memory does not grow "
-                    "with the clip. Writes frames/NAME_mask.png per frame and an overlay animation.")
+                    "with the clip, and every frame runs one compiled program. Writes frames/NAME_mask.png per frame "
+                    "(NAME: the frame's file name, or its number in a video file) and an overlay animation. A rerun "
+                    "into the same --out-dir writes only what is missing.")
     video.add_argument("clip", metavar="CLIP", help="folder of frames, animated GIF/WebP/APNG, or video file")
     group = video.add_argument_group("prompt")
     group.add_argument("--prompt-mask", required=True, metavar="MASK", help="the mask of the prompt image")
@@ -60,6 +71,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        help="the example image that --prompt-mask segments (default: the clip's first frame)")
     video.add_argument("--out-dir", required=True, help="output folder (created if needed)")
     common.add_overwrite_option(video)
+    common.add_max_pixels_option(video)
     procedure = video.add_argument_group("procedure")
     procedure.add_argument("--context-frames", type=common.non_negative_int, default=0, metavar="K",
                            help="previous frames (with their predicted masks) that join the prompt; 0 segments "
@@ -77,8 +89,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 # ------------------------------------------------------------------------------------ prompts
-def _checked_prompts(args: argparse.Namespace, colour_map) -> Any:
-    """The prompts, every file decoded and every mask read by the mask rule now, before the model loads."""
+def checked_prompts(args: argparse.Namespace, colour_map) -> tuple[Any, int | None]:
+    """The prompts and the mode (``num_labels``: None for binary), every file decoded and every mask read
+    by the mask rule now, before the model loads (warnings for masks that would be misread)."""
     from ..imaging.decode import open_image
     from ..imaging.masks import prompt_picture
     from ..inference.prompts import Prompt
@@ -91,15 +104,23 @@ def _checked_prompts(args: argparse.Namespace, colour_map) -> Any:
             raise UserError("use either --learned-prompt or --prompt-image/--prompt-mask, not both")
         from ..train.prompt_tuning import LearnedPrompt
 
-        return LearnedPrompt.load(args.learned_prompt)
+        prompt = LearnedPrompt.load(args.learned_prompt)
+        num_labels = prompt.num_labels if args.num_labels is None else args.num_labels
+        if colour_map is not None and num_labels is None:
+            raise UserError("--colour-map maps colours to class ids: this learned prompt is binary")
+        try:
+            prompt.check_mode(num_labels)
+        except ValueError as e:
+            raise UserError(f"--learned-prompt {args.learned_prompt}: {e}") from None
+        return prompt, num_labels
     if not args.prompt_image:
         raise UserError("give at least one --prompt-image with its --prompt-mask")
     prompts = []
     for image, mask in zip(args.prompt_image, args.prompt_mask):
         open_image(image)
-        prompt_picture(mask, args.num_labels, colour_map=colour_map, what="prompt mask")
+        prompt_picture(mask, args.num_labels, colour_map=colour_map, what=f"prompt mask {mask}")
         prompts.append(Prompt(image, mask))
-    return prompts
+    return prompts, args.num_labels
 
 
 def _check_labels(args: argparse.Namespace) -> None:
@@ -108,15 +129,77 @@ def _check_labels(args: argparse.Namespace) -> None:
                         f"palette PNGs whose indices are the class ids")
 
 
+def _digest(path: str) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def _model_identity(args: argparse.Namespace) -> dict:
+    """What names the weights: the source as given, plus the size and time of local files."""
+    source = os.path.expanduser(args.model)
+    files = []
+    if os.path.isdir(source):
+        files = [os.path.join(source, n) for n in sorted(os.listdir(source)) if not n.startswith(".")]
+    elif os.path.isfile(source):
+        files = [source]
+    stamps = [(os.path.basename(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files if os.path.isfile(f)]
+    return {"model": args.model, "revision": args.revision, "layout": getattr(args, "checkpoint_layout", None),
+            "config": _digest(args.config) if getattr(args, "config", None) else None, "files": stamps}
+
+
+def job_key(args: argparse.Namespace, **settings: Any) -> str:
+    """A fingerprint of what produces a command's outputs (model, prompt files, options): outputs of an
+    earlier run with the same fingerprint are that run's answers to the same question."""
+    from .. import __version__
+
+    data = {"version": __version__, "model": _model_identity(args), **settings}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _prompt_files(args: argparse.Namespace) -> list:
+    if getattr(args, "learned_prompt", None):
+        return [("learned", _digest(args.learned_prompt))]
+    return [(_digest(i), _digest(m)) for i, m in zip(args.prompt_image, args.prompt_mask)]
+
+
+def _colour_map_identity(args: argparse.Namespace) -> Any:
+    spec = getattr(args, "colour_map", None)
+    return _digest(spec) if spec and os.path.isfile(spec) else spec
+
+
 # ------------------------------------------------------------------------------------ segment
-def _output_names(inputs: list[str]) -> list[str]:
-    names, seen = [], {}
+def output_names(inputs: Sequence[str], suffixes: Sequence[str] = ("_mask.png", "_overlay.png")) -> list[str]:
+    """Each input's output name stem: its whole file name (``x.jpg``), so that no two inputs of one
+    folder share outputs. Inputs of the same name from different folders are refused, naming them."""
+    owners: dict[str, str] = {}
+    clashes = []
     for path in inputs:
-        stem = os.path.splitext(os.path.basename(path))[0]
-        count = seen.get(stem, 0) + 1
-        seen[stem] = count
-        names.append(stem if count == 1 else f"{stem}-{count}")
-    return names
+        name = os.path.basename(path)
+        if name in owners:
+            clashes.append(f"{owners[name]} and {path}")
+        else:
+            owners[name] = path
+    if clashes:
+        more = f" (and {len(clashes) - 3} more)" if len(clashes) > 3 else ""
+        raise UserError(f"inputs of the same name would write the same outputs ({suffixes[0]}): "
+                        f"{'; '.join(clashes[:3])}{more}; segment them into different --out-dir folders")
+    return [os.path.basename(path) for path in inputs]
+
+
+def _unique(paths: list[str]) -> list[str]:
+    """The inputs with any file given twice (the same real path) kept once."""
+    seen, out = set(), []
+    for path in paths:
+        key = os.path.realpath(path)
+        if key in seen:
+            status(f"{path} is given more than once: it is segmented once")
+            continue
+        seen.add(key)
+        out.append(path)
+    return out
 
 
 def _fatal(error: OSError) -> bool:
@@ -124,74 +207,130 @@ def _fatal(error: OSError) -> bool:
     return error.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM)
 
 
+class _Plan:
+    """What a run does with each input: skip it (done earlier), fail it (an output in the way), or write
+    the outputs it lacks."""
+
+    def __init__(self, folder, inputs: list[str], names: list[str], suffixes: Sequence[str]):
+        from ..files import ABSENT, FOREIGN, OURS, STALE, file_stamp
+
+        self.sources = [file_stamp(path) for path in inputs]
+        self.todo: dict[int, list[str]] = {}
+        self.failures: dict[int, str] = {}
+        self.skipped = 0
+        for index, name in enumerate(names):
+            outputs = [name + suffix for suffix in suffixes]
+            states = [folder.status(o, self.sources[index]) for o in outputs]
+            if FOREIGN in states:
+                self.failures[index] = str(_conflict(folder, outputs[states.index(FOREIGN)], FOREIGN))
+            elif folder.overwrite:
+                self.todo[index] = outputs
+            elif STALE in states:
+                self.failures[index] = str(_conflict(folder, outputs[states.index(STALE)], STALE))
+            elif all(state == OURS for state in states):
+                self.skipped += 1
+            else:
+                self.todo[index] = [o for o, state in zip(outputs, states) if state == ABSENT]
+
+
+def _conflict(folder, name: str, state: str):
+    from ..files import OutputConflict
+
+    try:
+        folder.check(name)
+    except OutputConflict as e:
+        return e
+    raise AssertionError(f"{name} is {state} but may be written")  # pragma: no cover
+
+
 def run_segment(args: argparse.Namespace) -> int:
     from ..files import OutputConflict, OutputFolder
-    from ..imaging.decode import to_rgb_uint8
-    from ..imaging.media import collect_images, mask_image, overlay
-    from ..inference.segmenter import InputFailure
+    from ..imaging.media import collect_images
 
     _check_labels(args)
     common.check_output_folder(args.out_dir)
     common.check_compilation_cache(args)
     colour_map = common.colour_map(args)
-    inputs = collect_images(args.inputs)
-    prompts = _checked_prompts(args, colour_map)
-    if args.learned_prompt and args.num_labels is None:
-        args.num_labels = prompts.metadata.get("num_labels")
-    folder = OutputFolder(args.out_dir, overwrite=args.overwrite)
-    names = _output_names(inputs)
-    failures: dict[int, str] = {}
-    earlier = 0  # inputs whose outputs an earlier run wrote
-    for index, name in enumerate(names):
+    inputs = _unique(collect_images(args.inputs))
+    names = output_names(inputs)
+    prompts, num_labels = checked_prompts(args, colour_map)
+    job = job_key(args, command="segment", prompts=_prompt_files(args), num_labels=num_labels,
+                  colour_map=_colour_map_identity(args), embedding_type=args.embedding_type,
+                  ensemble_mode=args.ensemble_mode)
+    folder = OutputFolder(args.out_dir, overwrite=args.overwrite, job=job)
+    plan = _Plan(folder, inputs, names, ("_mask.png", "_overlay.png"))
+    todo = sorted(plan.todo)
+    mode = f"{num_labels} classes" if num_labels else "binary"
+    done = skipped = plan.skipped
+    written, seconds = 0, 0.0
+    if todo:
+        if plan.skipped:
+            status(f"{plural(plan.skipped, 'input')} already done by an earlier run (skipped); "
+                   f"{len(todo)} to segment")
+        status("starting JAX ...")
+        compiled = common.compile_ahead(args, queries=len(todo), prompts=len(prompts))  # while the weights load
+        segmenter = common.make_segmenter(args)
+        compiled()
+        start = time.perf_counter()
+        bar = common.progress_bar(len(todo), "image", "segment")
+        results = segmenter.segment_iter([inputs[i] for i in todo], prompts, num_labels=num_labels,
+                                         colour_map=colour_map, embedding_type=args.embedding_type, errors="return")
         try:
-            folder.check(f"{name}_mask.png")
-            folder.check(f"{name}_overlay.png")
-        except OutputConflict as e:
-            failures[index] = str(e)
-            earlier += e.ours
-    todo = [i for i in range(len(inputs)) if i not in failures]
-    if not todo:
-        others = len(failures) - earlier
-        raise UserError(f"nothing to do: the outputs of all {plural(len(inputs), 'input')} exist in {args.out_dir}"
-                        + (f"; {earlier} from an earlier run (pass --overwrite to replace them)" if earlier else "")
-                        + (f"; {others} written by someone else (left alone)" if others else ""))
-    compiled = common.compile_ahead(args, queries=len(todo), prompts=len(prompts))  # while the weights load
-    segmenter = common.make_segmenter(args)
-    compiled()
-    start, written = time.perf_counter(), 0
-    bar = common.progress_bar(len(todo), "image", "segment")
-    results = segmenter.segment_iter([inputs[i] for i in todo], prompts, num_labels=args.num_labels,
-                                     colour_map=colour_map, embedding_type=args.embedding_type, errors="return")
-    done = 0
-    try:
-        for index, result in zip(todo, results):
-            bar.update(1)
-            if isinstance(result, InputFailure):
-                failures[index] = result.message
-                continue
-            try:
-                picture = overlay(to_rgb_uint8(inputs[index]), result.mask)
-                folder.write(f"{names[index]}_mask.png",
-                             lambda tmp: mask_image(result.mask, args.num_labels).save(tmp, format="PNG"))
-                folder.write(f"{names[index]}_overlay.png", lambda tmp: Image.fromarray(picture).save(tmp, format="PNG"))
-                written += 2
-                done += 1
-            except OutputConflict as e:
-                failures[index] = str(e)
-            except OSError as e:
-                if _fatal(e):  # every later write would fail too: stop, say what was done, then the error
-                    bar.close()
-                    print(f"stopped after {done} of {plural(len(inputs), 'image')}; wrote {plural(written, 'file')} "
-                          f"to {args.out_dir}")
-                    raise
-                failures[index] = f"cannot write the outputs of {inputs[index]}: {e.strerror or e}"
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - start
-    mode = f"{args.num_labels} classes" if args.num_labels else "binary"
-    print(f"segmented {done} of {plural(len(inputs), 'image')} ({mode}, {plural(len(prompts), 'prompt')}) in "
-          f"{seconds:.1f}s ({seconds / max(done, 1):.2f}s/image); wrote {plural(written, 'file')} to {args.out_dir}")
-    return report_failures({inputs[i]: failures[i] for i in sorted(failures)}, "input")
+            for index, result in zip(todo, results):
+                bar.update(1)
+                try:
+                    written += _write_outputs(folder, args, inputs[index], names[index], plan.todo[index],
+                                              plan.sources[index], result, num_labels)
+                    done += 1
+                except (OutputConflict, _Failed) as e:
+                    plan.failures[index] = str(e)
+                except OSError as e:
+                    if _fatal(e):  # every later write would fail too: stop, say what was done, then the error
+                        bar.close()
+                        print(f"stopped after {done - skipped} of {plural(len(todo), 'image')}; wrote "
+                              f"{plural(written, 'file')} to {args.out_dir}")
+                        raise
+                    plan.failures[index] = f"cannot write the outputs of {inputs[index]}: {e.strerror or e}"
+        finally:
+            bar.close()
+        seconds = time.perf_counter() - start
+    segmented = done - skipped
+    note = f"; {skipped} already done (skipped)" if skipped else ""
+    rate = f" ({seconds / segmented:.2f}s/image)" if segmented else ""
+    print(f"segmented {segmented} of {plural(len(inputs), 'image')} ({mode}, {plural(len(prompts), 'prompt')}) in "
+          f"{seconds:.1f}s{rate}{note}; wrote {plural(written, 'file')} to {args.out_dir}")
+    return report_failures({inputs[i]: plan.failures[i] for i in sorted(plan.failures)}, "input")
+
+
+class _Failed(Exception):
+    """An input that could not be segmented (its message names it)."""
+
+
+def _write_outputs(folder, args, path: str, name: str, outputs: list[str], source: tuple, result,
+                   num_labels: int | None) -> int:
+    """Write the outputs an input lacks; returns how many files were written."""
+    from ..imaging.decode import to_rgb_uint8
+    from ..imaging.media import mask_image, overlay
+    from ..inference.segmenter import InputFailure
+
+    if isinstance(result, InputFailure):
+        raise _Failed(result.message)
+    count = 0
+    if name + "_mask.png" in outputs:
+        picture = mask_image(result.mask, num_labels)
+        folder.write(name + "_mask.png", lambda tmp: picture.save(tmp, format="PNG"), source=source)
+        count += 1
+    if name + "_overlay.png" in outputs:
+        blended = overlay(to_rgb_uint8(path, max_pixels=args.max_pixels), result.mask)
+        folder.write(name + "_overlay.png", lambda tmp: _save_rgb(blended, tmp), source=source)
+        count += 1
+    return count
+
+
+def _save_rgb(array, path: str) -> None:
+    from PIL import Image
+
+    Image.fromarray(array).save(path, format="PNG")
 
 
 def report_failures(failures: dict[str, str], what: str) -> int:
@@ -220,10 +359,10 @@ class _Frames:
 
 
 def run_video(args: argparse.Namespace) -> int:
-    from ..files import OutputConflict, OutputFolder
+    from ..files import ABSENT, OURS, OutputConflict, OutputFolder, file_stamp
     from ..imaging.decode import open_image, to_rgb_uint8
     from ..imaging.masks import prompt_picture
-    from ..imaging.media import GifWriter, Mp4Writer, frame_rate, iter_frames, mask_image, overlay
+    from ..imaging.media import GifWriter, Mp4Writer, frame_names, frame_rate, iter_frames, mask_image, overlay
     from ..inference.prompts import Prompt
     from ..inference.segmenter import InputFailure
 
@@ -233,29 +372,43 @@ def run_video(args: argparse.Namespace) -> int:
     if overlay_kind == "mp4" and not _has_av():
         raise UserError("--overlay mp4 needs the optional video extra: pip install 'seggpt-jax[video]' (or use "
                         "--overlay gif)")
-    prompt_picture(args.prompt_mask, None, what="prompt mask")  # readable, before anything loads
-    frames = iter_frames(args.clip)
+    prompt_picture(args.prompt_mask, None, what=f"prompt mask {args.prompt_mask}")  # before anything loads
+    names = frame_names(args.clip)  # a folder's frames: their file names, checked for clashes now
+    if names is not None:
+        output_names(names, ("_mask.png",))
+    frames = iter_frames(args.clip, max_pixels=args.max_pixels)
     first_name, first_frame = next(frames, (None, None))
     if first_name is None:
         raise UserError(f"{args.clip} holds no frames")
-    prompt_image = args.prompt_image or to_rgb_uint8(first_frame, what=f"first frame of {args.clip}")
+    prompt_image = args.prompt_image or to_rgb_uint8(first_frame, what=f"first frame of {args.clip}",
+                                                     max_pixels=args.max_pixels)
     if args.prompt_image:
         open_image(args.prompt_image)
     fps = args.fps or frame_rate(args.clip) or 10.0
-    folder = OutputFolder(args.out_dir, overwrite=args.overwrite)
-    masks_folder = OutputFolder(os.path.join(args.out_dir, "frames"), overwrite=args.overwrite)
+    job = job_key(args, command="video", prompt=_digest(args.prompt_mask),
+                  prompt_image=_digest(args.prompt_image) if args.prompt_image else "first frame",
+                  context=args.context_frames, ensemble_mode=args.ensemble_mode)
+    folder = OutputFolder(args.out_dir, overwrite=args.overwrite, job=job)
+    masks_folder = OutputFolder(os.path.join(args.out_dir, "frames"), overwrite=args.overwrite, job=job)
     animation = None if overlay_kind == "none" else f"overlay.{overlay_kind}"
-    if animation:
-        folder.check(animation)
+    clip_stamp = file_stamp(args.clip) if os.path.isfile(args.clip) else None
+    # someone else's files, or an earlier job's without --overwrite: refused before any work
+    if animation and folder.status(animation, clip_stamp) not in (OURS, ABSENT):
+        folder.check(animation, clip_stamp)
+    for name in names or ():
+        output, source = f"{name}_mask.png", file_stamp(os.path.join(args.clip, name))
+        if masks_folder.status(output, source) not in (OURS, ABSENT):
+            masks_folder.check(output, source)
+    status("starting JAX ...")
     segmenter = common.make_segmenter(args)
     stream = _Frames(_chain((first_name, first_frame), frames))
     results = segmenter.segment_video(iter(stream), Prompt(prompt_image, args.prompt_mask),
                                       context_frames=args.context_frames, ensemble_mode=args.ensemble_mode,
                                       errors="return")
     failures: dict[str, str] = {}
-    start, count = time.perf_counter(), 0
+    start, count, written = time.perf_counter(), 0, 0
     bar = common.progress_bar(None, "frame", "video")
-    with _AnimationFile(folder, animation, overlay_kind, fps, GifWriter, Mp4Writer) as writer:
+    with _AnimationFile(folder, animation, overlay_kind, fps, GifWriter, Mp4Writer, clip_stamp) as writer:
         try:
             for result in results:
                 name, frame = stream.waiting.popleft()
@@ -263,21 +416,27 @@ def run_video(args: argparse.Namespace) -> int:
                 if isinstance(result, InputFailure):
                     failures[name] = result.message
                     continue
+                output = f"{name}_mask.png"
+                source = clip_stamp or file_stamp(os.path.join(args.clip, name))
                 try:
-                    masks_folder.write(f"{name}_mask.png",
-                                       lambda tmp: mask_image(result.mask, None).save(tmp, format="PNG"))
+                    if masks_folder.status(output, source) != OURS or args.overwrite:
+                        picture = mask_image(result.mask, None)
+                        masks_folder.write(output, lambda tmp: picture.save(tmp, format="PNG"), source=source)
+                        written += 1
                 except OutputConflict as e:
                     failures[name] = str(e)
                     continue
                 if writer is not None:
-                    writer.add(overlay(to_rgb_uint8(frame), result.mask))
+                    writer.add(overlay(to_rgb_uint8(frame, max_pixels=args.max_pixels), result.mask))
                 count += 1
         finally:
             bar.close()
     seconds = time.perf_counter() - start
+    kept = count - written
     print(f"segmented {count} frames (context {args.context_frames}) in {seconds:.1f}s; wrote "
-          f"{plural(count, 'mask')} to {masks_folder.path}" + (f" and {os.path.join(args.out_dir, animation)}"
-                                                               if animation and count else ""))
+          f"{plural(written, 'mask')} to {masks_folder.path}" + (f" ({kept} already there from an earlier run)"
+                                                                 if kept else "")
+          + (f" and {os.path.join(args.out_dir, animation)}" if animation and count else ""))
     return report_failures(failures, "frame")
 
 
@@ -296,10 +455,10 @@ def _has_av() -> bool:
 
 class _AnimationFile:
     """The overlay animation, written to a temporary file and moved into the output folder when complete
-    (removed if the run fails)."""
+    (removed if the run fails). It replaces an animation of the same job (a resumed run's is complete)."""
 
-    def __init__(self, folder, name: str | None, kind: str, fps: float, gif_writer, mp4_writer):
-        self.folder, self.name, self.kind, self.fps = folder, name, kind, fps
+    def __init__(self, folder, name: str | None, kind: str, fps: float, gif_writer, mp4_writer, source):
+        self.folder, self.name, self.kind, self.fps, self.source = folder, name, kind, fps, source
         self._classes = {"gif": gif_writer, "mp4": mp4_writer}
         self._tmp = None
         self.writer = None
@@ -321,6 +480,6 @@ class _AnimationFile:
         try:
             self.writer.close()
             if error is None and self.writer.size is not None:
-                self.folder.adopt(self.name, self._tmp)
+                self.folder.adopt(self.name, self._tmp, source=self.source, replace=True)
         finally:
             self._staging.__exit__(None, None, None)

@@ -46,10 +46,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     hyper.add_argument("--seed", type=int, default=0, help="seed of the data order, masks and drop-path")
     run = finetune.add_argument_group("run")
     run.add_argument("--checkpoint-every", type=common.positive_int, default=100, help="steps between checkpoints")
+    run.add_argument("--keep-checkpoints", type=common.positive_int, default=2, metavar="N",
+                     help="keep only the newest N of this run's checkpoints (each is the model plus the optimizer "
+                          "state: about 4.4 GB at ViT-L)")
     run.add_argument("--log-every", type=common.positive_int, default=10, help="steps between log lines")
     run.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its latest checkpoint")
     run.add_argument("--stop-after", type=common.positive_int, default=None, metavar="N",
                      help="train at most N steps in this invocation (checkpointed; continue with --resume)")
+    finetune.add_argument("--overwrite", action="store_true",
+                          help="start over in an --out-dir that holds an earlier run: its checkpoints, log, report "
+                               "and final model are removed (files anyone else put there are never touched)")
     common.add_model_options(finetune, inference=False)
     finetune.set_defaults(run=run_finetune)
 
@@ -76,6 +82,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--checkpoint-every", type=common.positive_int, default=100, help="steps between checkpoints")
     run.add_argument("--log-every", type=common.positive_int, default=10, help="steps between log lines")
     run.add_argument("--resume", action="store_true", help="continue from the state saved next to --output")
+    common.add_overwrite_option(tune)
     common.add_model_options(tune, inference=False)
     tune.set_defaults(run=run_tune_prompt)
 
@@ -97,6 +104,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                           help="how several prompts are combined")
     evaluate.add_argument("-o", "--output", default=None, metavar="FILE",
                           help="JSON report (default: the metrics are printed only)")
+    common.add_overwrite_option(evaluate)
     common.add_prompt_options(evaluate)
     common.add_model_options(evaluate)
     evaluate.set_defaults(run=run_evaluate)
@@ -117,24 +125,83 @@ def _dataset(args: argparse.Namespace):
 
 
 class _JsonLog:
-    """Print each record and append it to a JSON-lines file."""
+    """Print each record and keep the run's JSON-lines log: the whole log is rewritten atomically through
+    the run's output folder after each record, so it is never half written and never a user's file."""
 
-    def __init__(self, path: str | None):
-        self.path = path
+    def __init__(self, folder=None, name: str | None = None, *, resume: bool = False):
+        self.folder, self.name, self.lines = folder, name, []
+        if folder is not None and resume and folder.owns(name):
+            with open(folder.target(name), encoding="utf-8") as f:
+                self.lines = [line.rstrip("\n") for line in f if line.strip()]
 
     def __call__(self, record: dict) -> None:
+        from ..files import text_writer
+
         print("  ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
                         if not isinstance(v, dict)), flush=True)
-        if self.path:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+        if self.folder is not None:
+            step = record.get("step")
+            if step is not None:  # a resumed run logs its steps again from its checkpoint on
+                self.lines = [line for line in self.lines if json.loads(line).get("step", -1) < step]
+            self.lines.append(json.dumps(record))
+            self.folder.write(self.name, text_writer("\n".join(self.lines) + "\n"), replace=True)
+
+
+#: What a fine-tuning run writes into its --out-dir besides its step_N checkpoint folders.
+RUN_FILES = ("latest", "log.jsonl", "report.json", "final")
+
+
+def _check_trainable(args: argparse.Namespace, config) -> None:
+    """--trainable must select some parameter (checked on the model's structure, before anything loads)."""
+    from ..config import ConfigError, SegGptConfig
+    from ..train.trainer import check_trainable
+    from ..weights import CheckpointError
+
+    try:
+        model_config = SegGptConfig.from_json_file(args.config) if getattr(args, "config", None) else \
+            SegGptConfig.from_pretrained(args.model, revision=args.revision, cache_dir=args.cache_dir,
+                                         local_files_only=args.local_files_only)
+    except (ConfigError, CheckpointError, OSError):
+        return  # checked by the Trainer once the model is loaded
+    try:
+        check_trainable(model_config, config.trainable)
+    except ValueError as e:
+        raise UserError(f"--trainable: {e}") from None
+
+
+def _run_folder(args: argparse.Namespace, config):
+    """The run's output folder, checked before any work: no file of the run's names that is someone
+    else's; an earlier run's only with --resume (continued) or --overwrite (removed)."""
+    from ..files import FOREIGN, OutputFolder
+    from ..train.state import CHECKPOINT_NAME
+
+    folder = OutputFolder(args.out_dir)
+    ours = [name for name in (*RUN_FILES, *folder.names("folder")) if folder.owns(name)
+            and (name in RUN_FILES or CHECKPOINT_NAME.match(name))]
+    steps = sorted({*range(config.checkpoint_every, config.steps + 1, config.checkpoint_every), config.steps})
+    names = (*RUN_FILES, *(f"step_{step:07d}" for step in steps))
+    foreign = [n for n in names if folder.status(n) == FOREIGN]
+    if foreign:
+        raise UserError(f"{os.path.join(args.out_dir, foreign[0])} exists and was not written by seggpt-jax; a run "
+                        f"writes {', '.join(RUN_FILES)} and step_N folders: choose another --out-dir")
+    if args.resume:
+        if not folder.owns("latest"):
+            raise UserError(f"--resume: no checkpoint of seggpt-jax in {args.out_dir} (expected its file latest)")
+    elif ours and not args.overwrite:
+        raise UserError(f"{args.out_dir} already holds a run; pass --resume to continue it, --overwrite to start over, "
+                        f"or choose another --out-dir")
+    elif ours:
+        status(f"--overwrite: removing the earlier run in {args.out_dir} ({', '.join(ours)})")
+        for name in ours:
+            folder.remove(name)
+    return folder
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    from ..train.state import write_json
     from ..train.trainer import EpisodeBatches, Trainer, TrainConfig
 
     common.check_output_folder(args.out_dir)
+    common.check_compilation_cache(args)
     try:
         config = TrainConfig(
             steps=args.steps, batch_size=args.train_batch_size, learning_rate=args.lr, weight_decay=args.weight_decay,
@@ -144,58 +211,70 @@ def run_finetune(args: argparse.Namespace) -> int:
             seed=args.seed, log_every=args.log_every, checkpoint_every=args.checkpoint_every)
     except ValueError as e:
         raise UserError(str(e)) from None
-    latest = os.path.join(args.out_dir, "latest")
-    if args.resume and not os.path.isfile(latest):
-        raise UserError(f"--resume: no checkpoint in {args.out_dir} (expected {latest})")
-    if not args.resume and os.path.isfile(latest):
-        raise UserError(f"{args.out_dir} already holds a run; pass --resume to continue it or choose another --out-dir")
+    if not args.resume:
+        _check_trainable(args, config)
+    folder = _run_folder(args, config)
     dataset = _dataset(args)  # every data problem is reported before any training starts
-    os.makedirs(args.out_dir, exist_ok=True)
+    if args.compilation_cache:
+        _enable_cache(args)
     if args.resume:
-        trainer = Trainer.restore(args.out_dir, config=config)
+        model_config = Trainer.checkpoint_config(args.out_dir)
+        batches = EpisodeBatches(dataset, model_config, batch_size=config.batch_size, seed=config.seed,
+                                 mask_ratio=config.mask_ratio, half_mask_prob=config.half_mask_prob)
+        trainer = Trainer.restore(args.out_dir, config=config, batches=batches)
         status(f"resumed {args.out_dir} at step {trainer.step_count}")
     else:
-        trainer = Trainer(common.load_model(args), config)
-    trainer.batches = EpisodeBatches(dataset, trainer.model.config, batch_size=config.batch_size, seed=config.seed,
-                                     mask_ratio=config.mask_ratio, half_mask_prob=config.half_mask_prob)
+        model = common.load_model(args)
+        batches = EpisodeBatches(dataset, model.config, batch_size=config.batch_size, seed=config.seed,
+                                 mask_ratio=config.mask_ratio, half_mask_prob=config.half_mask_prob)
+        trainer = Trainer(model, config, batches=batches)
     start = time.perf_counter()
-    history = trainer.fit(checkpoint_dir=args.out_dir, log=_JsonLog(os.path.join(args.out_dir, "log.jsonl")),
-                          stop_after=args.stop_after)
+    history = trainer.fit(checkpoint_dir=args.out_dir, log=_JsonLog(folder, "log.jsonl", resume=args.resume),
+                          stop_after=args.stop_after, keep_checkpoints=args.keep_checkpoints)
     if trainer.step_count < config.steps:
         print(f"stopped at step {trainer.step_count} of {config.steps}; continue with --resume")
         return 0
-    final = os.path.join(args.out_dir, "final")
-    trainer.model.save_pretrained(final)
+    final = folder.write_folder("final", trainer.model.save_pretrained, replace=True)
     report = {"steps": trainer.step_count, "final_loss": history[-1]["loss"] if history else None,
               "first_loss": history[0]["loss"] if history else None, "seconds": round(time.perf_counter() - start, 1),
               "samples": len(dataset), "config": config.to_json(), "model": args.model, "final_model": final}
-    write_json(os.path.join(args.out_dir, "report.json"), report)
+    folder.write_json("report.json", report, replace=True)
     print(f"fine-tuned {trainer.step_count} steps; final model in {final} (use --model {final})")
     return 0
+
+
+def _enable_cache(args: argparse.Namespace) -> None:
+    from ..runtime import enable_compilation_cache
+
+    enable_compilation_cache(None if args.compilation_cache is True else args.compilation_cache)
 
 
 def run_tune_prompt(args: argparse.Namespace) -> int:
     from ..train.prompt_tuning import PromptTuningConfig, resume_prompt_tuning, tune_prompt
 
-    common.check_output_file(args.output)
+    folder = common.output_file(args.output, "--output", overwrite=args.overwrite, resume=args.resume,
+                                companions=(".log.jsonl", ".state.safetensors"))
+    common.check_compilation_cache(args)
     try:
         config = PromptTuningConfig(steps=args.steps, batch_size=args.train_batch_size, learning_rate=args.lr,
                                     num_prompts=args.num_prompts, init=args.init, tune=args.tune, seed=args.seed,
                                     log_every=args.log_every, checkpoint_every=args.checkpoint_every)
     except ValueError as e:
         raise UserError(str(e)) from None
-    if args.resume and not os.path.isfile(args.output + ".state.safetensors"):
-        raise UserError(f"--resume: no prompt-tuning state next to {args.output}")
+    state = os.path.basename(args.output) + ".state.safetensors"
+    if args.resume and not folder.owns(state):
+        raise UserError(f"--resume: no prompt-tuning state of seggpt-jax next to {args.output} (expected {state})")
     dataset = _dataset(args)
+    if args.compilation_cache:
+        _enable_cache(args)
     model = common.load_model(args)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    log = _JsonLog(args.output + ".log.jsonl")
+    log = _JsonLog(folder, os.path.basename(args.output) + ".log.jsonl", resume=args.resume)
     if args.resume:
-        prompt = resume_prompt_tuning(model, dataset, args.output, config, log=log)
+        prompt = resume_prompt_tuning(model, dataset, args.output, config, log=log, output=folder)
     else:
-        prompt = tune_prompt(model, dataset, config, log=log, checkpoint=args.output)
+        prompt = tune_prompt(model, dataset, config, log=log, checkpoint=args.output, output=folder)
     prompt.metadata["model"] = args.model
-    prompt.save(args.output)
+    prompt.save(args.output, output=folder)
     print(f"learned {common.plural(len(prompt), 'prompt')} in {config.steps} steps; saved {args.output} "
           f"(use: seggpt-jax segment ... --learned-prompt {args.output})")
     return 0
@@ -204,11 +283,9 @@ def run_tune_prompt(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     from ..data import class_episodes, fold_classes, sample_episodes
     from ..eval.protocols import evaluate_episodes, evaluate_folder
-    from ..train.state import write_json
-    from .segment import _checked_prompts
+    from .segment import checked_prompts
 
-    if args.output:
-        common.check_output_file(args.output)
+    folder = common.output_file(args.output, "--output", overwrite=args.overwrite) if args.output else None
     common.check_compilation_cache(args)
     if args.protocol in ("coco20i", "pascal5i"):
         if args.num_labels is None:
@@ -217,7 +294,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             classes = fold_classes(args.protocol, args.fold)
         except ValueError as e:
             raise UserError(str(e)) from None
-    prompts = _checked_prompts(args, common.colour_map(args)) if args.protocol == "folder" else None
+    prompts = checked_prompts(args, common.colour_map(args))[0] if args.protocol == "folder" else None
     dataset = _dataset(args)
     segmenter = common.make_segmenter(args)
     bar = common.progress_bar(None, "episode", "evaluate")
@@ -244,6 +321,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
     print(f"{args.protocol}: mIoU {report['mIoU']:.4f}  FB-IoU {report['FB-IoU']:.4f}  "
           f"({report.get('episodes', report.get('images'))} {'episodes' if 'episodes' in report else 'images'}, "
           f"{report['seconds']}s)")
-    if args.output:
-        write_json(args.output, report)
+    if folder is not None:
+        folder.write_json(os.path.basename(args.output), report, replace=True)
     return 0

@@ -7,7 +7,13 @@ SegGPT sees a mask as an RGB picture. Every reader of masks in seggpt-jax (the p
 (``Image.open(mask).convert("RGB")``) and transformers' processor with ``do_convert_rgb=False`` do:
 RGB as given (anti-aliased grey edges included), greyscale repeated, palette images through their
 palette, 16-bit scaled to 8 bits. Masks that hold only 0 and 1 (bool arrays, 0/1 label PNGs) are
-scaled to 0/255; fed as they are they would be black. See :func:`binary_picture`.
+scaled to 0/255; fed as they are they would be black. A mask whose shape is only in its alpha channel
+(one flat colour everywhere, as many editors export a shape on a transparent background) is read from
+its alpha channel: read as RGB it would be one flat colour. See :func:`binary_picture`.
+
+**Prompts that would be misread** get a :class:`MaskWarning` (:func:`prompt_picture`): an empty
+prompt mask, one that covers the whole image, and, in binary mode, masks that look like class ids
+(nearly black levels, or a palette image of several indices), which need ``num_labels``.
 
 **Semantic mode** (``num_labels=N``): a mask holds class ids ``0..N`` (0 = background) and is painted
 with the SegGPT palette (:func:`build_palette`). Accepted (see :func:`class_ids`):
@@ -29,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,6 +49,11 @@ Colour = tuple[int, int, int]
 #: PIL modes whose pixels are colours (everything else is one channel of levels or indices).
 _COLOUR_MODES = ("RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
 _MAX_LISTED = 5
+
+
+class MaskWarning(UserWarning):
+    """A prompt mask that will probably not do what its author meant (empty, everything, class ids in
+    binary mode)."""
 
 
 class LabelError(InputError):
@@ -218,14 +230,45 @@ def _open(mask: Any) -> Any:
     return open_image(mask) if isinstance(mask, (str, os.PathLike)) else mask
 
 
+def alpha_only(mask: Any) -> np.ndarray | None:
+    """The alpha channel (``[H, W]`` uint8) of a mask whose shape is only there: its colour is one flat
+    colour everywhere and its alpha is not. ``None`` for every other mask."""
+    if isinstance(mask, Image.Image):
+        has_alpha = mask.mode in ("RGBA", "LA", "PA", "RGBa", "La") or \
+            (mask.mode == "P" and "transparency" in mask.info)
+        if not has_alpha:
+            return None
+        rgba = np.asarray(mask.convert("RGBA"))
+        colour, alpha = rgba[..., :3], rgba[..., 3]
+    else:
+        array = to_numpy(mask)
+        if array.ndim != 3 or array.dtype != np.uint8:
+            return None
+        if array.shape[-1] not in (2, 4) and array.shape[0] in (2, 4):
+            array = np.moveaxis(array, 0, -1)
+        if array.shape[-1] not in (2, 4):
+            return None
+        colour, alpha = array[..., :-1], array[..., -1]
+    if not alpha.size or alpha.min() == alpha.max():
+        return None
+    flat = colour.reshape(-1, colour.shape[-1])
+    if np.any(flat != flat[0]):
+        return None
+    return np.ascontiguousarray(alpha)
+
+
 def binary_picture(mask: Any, *, what: str = "prompt mask") -> np.ndarray:
     """The prompt picture in binary mode: the mask's own levels as ``[H, W, 3]`` uint8 (see module doc)."""
     mask = _open(mask)
-    if not isinstance(mask, Image.Image):
-        array = to_numpy(mask)
-        if np.issubdtype(array.dtype, np.signedinteger) or array.dtype in (np.uint32, np.uint64):
-            _check_grey_levels(array, _mask_name(mask, what))  # label values, not 16-bit data (that is uint16)
-    rgb = to_rgb_uint8(mask, what=what)  # errors name the file, or the array's kind and shape
+    alpha = alpha_only(mask)
+    if alpha is not None:
+        rgb = np.repeat(alpha[..., None], 3, axis=-1)
+    else:
+        if not isinstance(mask, Image.Image):
+            array = to_numpy(mask)
+            if np.issubdtype(array.dtype, np.signedinteger) or array.dtype in (np.uint32, np.uint64):
+                _check_grey_levels(array, _mask_name(mask, what))  # label values, not 16-bit data (that is uint16)
+        rgb = to_rgb_uint8(mask, what=what)  # errors name the file, or the array's kind and shape
     if rgb.size and rgb.max() == 1:  # a 0/1 mask: black as it is
         rgb = rgb * np.uint8(255)
     return rgb
@@ -240,6 +283,9 @@ def class_ids(mask: Any, num_labels: int, *, colour_map: ColourMap | Mapping | s
     name = _mask_name(mask, what)
     mask = _open(mask)
     colour_map = ColourMap.parse(colour_map) if colour_map is not None else None
+    if alpha_only(mask) is not None:
+        raise InputError(f"{name} holds its shape only in its alpha channel (its colour is one flat colour); a "
+                         f"semantic mask holds class ids or palette colours: save the classes as colours or ids")
     if isinstance(mask, Image.Image):
         if colour_map is not None or mask.mode in _COLOUR_MODES:
             ids = _ids_from_colours(np.asarray(mask.convert("RGB")), num_labels, colour_map, name)
@@ -302,14 +348,59 @@ def semantic_picture(mask: Any, num_labels: int, *, colour_map: ColourMap | Mapp
 
 
 def prompt_picture(mask: Any, num_labels: int | None = None, *, colour_map: ColourMap | Mapping | str | None = None,
-                   what: str = "prompt mask") -> np.ndarray:
+                   what: str = "prompt mask", warn: bool = True) -> np.ndarray:
     """What the model sees for a prompt mask: :func:`binary_picture` without ``num_labels``, else
-    :func:`semantic_picture`."""
+    :func:`semantic_picture`. With ``warn``, a mask that would probably be misread gets a
+    :class:`MaskWarning` (see the module doc)."""
+    name = _mask_name(mask, what)
+    mask = _open(mask)
     if num_labels is None:
         if colour_map is not None:
             raise ValueError("colour_map needs num_labels: it maps colours to class ids (semantic mode)")
-        return binary_picture(mask, what=what)
-    return semantic_picture(mask, num_labels, colour_map=colour_map, what=what)
+        picture = binary_picture(mask, what=what)
+        if warn:
+            for message in binary_prompt_problems(mask, picture):
+                _warn(f"{name} {message}")
+        return picture
+    ids = class_ids(mask, num_labels, colour_map=colour_map, what=what)
+    if warn and ids.size and ids.min() == ids.max():
+        problem = "is empty (all background)" if ids.flat[0] == 0 else \
+            f"is class {ids.flat[0]} everywhere: the prompt shows no boundary to learn from"
+        _warn(f"{name} {problem}")
+    return labels_to_rgb(ids, num_labels, what=what)
+
+
+def _warn(message: str) -> None:
+    """A :class:`MaskWarning`, attributed to this module: Python's default filter shows each message once."""
+    warnings.warn(message, MaskWarning, stacklevel=1)
+
+
+#: Binary prompt masks whose brightest level is below this are "nearly black" (see :func:`binary_prompt_problems`).
+DARK_LEVEL = 64
+_NUM_LABELS_HINT = "if its values are class ids, pass num_labels (--num-labels on the command line)"
+
+
+def binary_prompt_problems(mask: Any, picture: np.ndarray) -> list[str]:
+    """Why a binary prompt mask would probably be misread, as phrases that follow its name (none: [])."""
+    brightness = picture.max(axis=-1) if picture.size else picture
+    if not picture.size:
+        return []
+    top = int(brightness.max())
+    if top == 0:
+        return ["is empty (all black): the prompt marks nothing to segment"]
+    flat = picture.reshape(-1, 3)
+    if np.all(flat == flat[0]):
+        return [f"is one flat level ({top}) everywhere: the prompt marks the whole image"]
+    if isinstance(mask, Image.Image) and mask.mode in ("P", "PA") and alpha_only(mask) is None:
+        used = np.unique(np.asarray(mask.convert("P") if mask.mode == "PA" else mask))
+        if len(used) > 2:
+            shown = ", ".join(str(int(i)) for i in used[:_MAX_LISTED]) + (" ..." if len(used) > _MAX_LISTED else "")
+            return [f"is a palette image of {len(used)} indices ({shown}); binary mode feeds its colours as they "
+                    f"are; {_NUM_LABELS_HINT}"]
+    if top < DARK_LEVEL:
+        return [f"is nearly black (its brightest level is {top} of 255), so binary mode reads it as background; "
+                f"{_NUM_LABELS_HINT}"]
+    return []
 
 
 def foreground(mask: Any, *, what: str = "mask") -> np.ndarray:

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, ImageSequence
 
 from ..files import written_by_us
-from .decode import IMAGE_EXTENSIONS, InputError
+from .decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, InputError, open_image
 from .masks import build_palette
 
 ANIMATION_EXTENSIONS = (".gif", ".webp", ".png", ".apng", ".tif", ".tiff")
@@ -70,9 +70,11 @@ def frame_rate(source: str) -> float | None:
         av = _import_av(source)
         try:
             with av.open(source) as container:
+                if not container.streams.video:
+                    raise InputError(f"{source} holds no video stream")
                 rate = container.streams.video[0].average_rate
                 return float(rate) if rate else None
-        except (av.error.FFmpegError, IndexError) as e:
+        except av.error.FFmpegError as e:
             raise InputError(f"cannot read video {source}: {e}") from None
     if os.path.isfile(source) and lower.endswith(ANIMATION_EXTENSIONS):
         try:
@@ -84,14 +86,22 @@ def frame_rate(source: str) -> float | None:
     return None
 
 
-def iter_frames(source: str | os.PathLike) -> Iterator[tuple[str, Any]]:
-    """``(name, frame)`` one at a time from a folder of images (the frame is its path, decoded by the
-    consumer, so one unreadable file fails alone), an animated GIF/WebP/APNG/TIFF, or a video file
-    (PyAV, the optional ``video`` extra). Nothing is read ahead."""
+def frame_names(source: str | os.PathLike) -> list[str] | None:
+    """The frame names of a folder of frames (its image files' names, sorted), or ``None`` for a video
+    file or an animation (whose frames are named by their number)."""
+    source = os.fspath(source)
+    return [os.path.basename(p) for p in collect_images([source])] if os.path.isdir(source) else None
+
+
+def iter_frames(source: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Iterator[tuple[str, Any]]:
+    """``(name, frame)`` one at a time from a folder of images (the name is the file's name, the frame
+    its path, decoded by the consumer, so one unreadable file fails alone), an animated
+    GIF/WebP/APNG/TIFF, or a video file (PyAV, the optional ``video`` extra; frames named ``00000``,
+    ``00001``, ...). Nothing is read ahead."""
     source = os.fspath(source)
     if os.path.isdir(source):
         for path in collect_images([source]):
-            yield os.path.splitext(os.path.basename(path))[0], path
+            yield os.path.basename(path), path
         return
     if not os.path.isfile(source):
         raise InputError(f"no such file or folder: {source}")
@@ -99,10 +109,11 @@ def iter_frames(source: str | os.PathLike) -> Iterator[tuple[str, Any]]:
         yield from _video_frames(source)
         return
     try:
-        animation = Image.open(source)
-    except (OSError, ValueError) as e:
+        animation = open_image(source, max_pixels=max_pixels, first_frame_only=False)
+    except InputError as e:
         raise InputError(f"cannot read frames from {source}: {e}") from None
     with animation:
+        index = 0
         try:
             for index, frame in enumerate(ImageSequence.Iterator(animation)):
                 yield f"{index:05d}", frame.convert("RGB")
@@ -123,6 +134,9 @@ def _video_frames(path: str) -> Iterator[tuple[str, np.ndarray]]:
     av = _import_av(path)
     try:
         with av.open(path) as container:
+            if not container.streams.video:
+                kinds = ", ".join(sorted({s.type for s in container.streams})) or "no streams"
+                raise InputError(f"{path} holds no video stream (only {kinds})")
             for index, frame in enumerate(container.decode(video=0)):
                 yield f"{index:05d}", frame.to_ndarray(format="rgb24")
     except av.error.FFmpegError as e:
@@ -143,21 +157,31 @@ def mask_image(mask: np.ndarray, num_labels: int | None) -> Image.Image:
     return image
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Mask colours blended over the photo (background untouched), with a dark outline on every edge."""
-    classes = mask.astype(np.int64)
-    out = image.astype(np.float32).copy()
-    inside = classes > 0
-    colours = _OVERLAY_COLOURS[(classes - 1) % len(_OVERLAY_COLOURS)].astype(np.float32)
-    out[inside] = (1 - alpha) * out[inside] + alpha * colours[inside]
-    edge = np.zeros(classes.shape, dtype=bool)
-    edge[:-1] |= classes[:-1] != classes[1:]
-    edge[1:] |= classes[1:] != classes[:-1]
-    edge[:, :-1] |= classes[:, :-1] != classes[:, 1:]
-    edge[:, 1:] |= classes[:, 1:] != classes[:, :-1]
-    outline = np.where(inside[..., None], colours * 0.5, np.float32(255))
-    out[edge] = outline[edge]
-    return np.clip(out, 0, 255).astype(np.uint8)
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5, *, rows: int = 256) -> np.ndarray:
+    """Mask colours blended over the photo (background untouched), with a dark outline on every edge.
+
+    Works through ``rows`` rows at a time, so that beside the photo and the result it holds only a few
+    rows of temporaries, whatever the image's size.
+    """
+    height = image.shape[0]
+    out = np.empty(image.shape, np.uint8)
+    for start in range(0, height, rows):
+        stop = min(height, start + rows)
+        low, high = max(0, start - 1), min(height, stop + 1)  # one row of context each side, for the edges
+        classes = mask[low:high].astype(np.int64)
+        inside = classes > 0
+        colours = _OVERLAY_COLOURS[(classes - 1) % len(_OVERLAY_COLOURS)].astype(np.float32)
+        block = image[low:high].astype(np.float32)
+        block[inside] = (1 - alpha) * block[inside] + alpha * colours[inside]
+        edge = np.zeros(classes.shape, dtype=bool)
+        edge[:-1] |= classes[:-1] != classes[1:]
+        edge[1:] |= classes[1:] != classes[:-1]
+        edge[:, :-1] |= classes[:, :-1] != classes[:, 1:]
+        edge[:, 1:] |= classes[:, 1:] != classes[:, :-1]
+        outline = np.where(inside[..., None], colours * 0.5, np.float32(255))
+        block[edge] = outline[edge]
+        out[start:stop] = np.clip(block[start - low:start - low + stop - start], 0, 255).astype(np.uint8)
+    return out
 
 
 def fit_frame(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:

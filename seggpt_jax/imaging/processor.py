@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..files import atomic_save
+from ..files import write_json
 from .decode import to_numpy, to_rgb_uint8
 from .masks import ColourMap, build_palette, class_ids, labels_to_rgb, prompt_picture
 
@@ -236,13 +236,7 @@ class SegGptImageProcessor:
             raise NotADirectoryError(f"save_pretrained needs a directory, but {directory} is a file")
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, PROCESSOR_CONFIG_NAME)
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-
-        def write(tmp: str) -> None:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
-
-        atomic_save(path, write)
+        write_json(path, self.to_dict())
         return path
 
     def __repr__(self) -> str:
@@ -435,6 +429,18 @@ def resize_nearest(picture: np.ndarray, size: tuple[int, int] | None) -> np.ndar
     return picture[:, rows][:, :, cols]
 
 
+def palette_distances(painted: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """Squared distance of each pixel of a painted ``[3, h, w]`` answer to each palette colour: ``[h, w, L+1]``."""
+    pixels = painted.transpose(1, 2, 0)[:, :, None, :]  # [h, w, 1, 3]
+    diff = pixels - palette[None, None]  # [h, w, L+1, 3]
+    return (diff * diff).sum(-1)
+
+
+def smallest_uint(count: int) -> np.dtype:
+    """The smallest unsigned dtype that holds ``0..count - 1``."""
+    return np.dtype(np.uint8 if count <= 256 else np.uint16 if count <= 65536 else np.uint32)
+
+
 def classes_from_painted(painted: np.ndarray, palette: np.ndarray, size: tuple[int, int] | None = None, *,
                          return_scores: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """A painted ``[3, h, w]`` answer (``[0, 255]``) -> int64 class ids of the nearest palette colour, and
@@ -443,9 +449,7 @@ def classes_from_painted(painted: np.ndarray, palette: np.ndarray, size: tuple[i
     The class is decided at the model's resolution and then resized: nearest selection commutes with
     the per-pixel argmin, so this equals transformers, which resizes first.
     """
-    pixels = painted.transpose(1, 2, 0)[:, :, None, :]  # [h, w, 1, 3]
-    diff = pixels - palette[None, None]  # [h, w, L+1, 3]
-    distance = (diff * diff).sum(-1)  # [h, w, L+1]
+    distance = palette_distances(painted, palette)  # [h, w, L+1]
     classes = resize_nearest(distance.argmin(-1)[None], size)[0]
     scores = resize_nearest(-distance.transpose(2, 0, 1), size).astype(np.float32) if return_scores else None
     return classes, scores

@@ -75,7 +75,8 @@ def is_per_query(prompts: Any) -> bool:
 
 
 def _name(value: Any) -> str:
-    return os.fspath(value) if isinstance(value, (str, os.PathLike)) else f"({type(value).__name__})"
+    """A path as it is; anything else is named by the mask rule (its kind and shape)."""
+    return os.fspath(value) if isinstance(value, (str, os.PathLike)) else ""
 
 
 class PromptPreparer:
@@ -94,9 +95,9 @@ class PromptPreparer:
         cached = self._cache.get(id(prompt))
         if cached is not None and cached[0] is prompt:
             return cached[1]
-        image = to_rgb_uint8(prompt.image, what=f"prompt image {_name(prompt.image)}")
+        image = to_rgb_uint8(prompt.image, what=f"prompt image {_name(prompt.image)}".strip())
         mask = prompt_picture(prompt.mask, self.num_labels, colour_map=self.colour_map,
-                              what=f"prompt mask {_name(prompt.mask)}")
+                              what=f"prompt mask {_name(prompt.mask)}".strip())
         if mask.shape[:2] != image.shape[:2]:
             warnings.warn(f"prompt mask {describe(prompt.mask)} is {mask.shape[1]}x{mask.shape[0]} but its image is "
                           f"{image.shape[1]}x{image.shape[0]}; both are resized to the model's input size "

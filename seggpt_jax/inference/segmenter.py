@@ -18,15 +18,17 @@ import dataclasses
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
-from ..imaging.decode import InputError, to_rgb_uint8
+from ..imaging.decode import DEFAULT_MAX_PIXELS, InputError, to_rgb_uint8
 from ..imaging.masks import ColourMap, build_palette
-from ..imaging.processor import SegGptImageProcessor, classes_from_painted, painted_query, resize_nearest
+from ..imaging.processor import (SegGptImageProcessor, painted_query, palette_distances, resize_nearest,
+                                 smallest_uint)
 from ..nn.inputs import EMBEDDING_TYPES, ENSEMBLE_MODES
 from .prompts import PromptPreparer, is_per_query, normalise_prompts
 
@@ -49,21 +51,46 @@ class SegmentationResult:
     """The answer for one query, at the query's original size ``(height, width)``.
 
     Attributes:
-        mask: ``[H, W]`` bool foreground (binary mode) or int64 class ids (semantic mode).
-        painted: ``[H, W, 3]`` uint8: the colours the model painted (the raw answer).
+        mask: ``[H, W]`` bool foreground (binary mode) or class ids ``0..num_labels`` (semantic mode;
+            uint8, or uint16 beyond 255 labels).
         scores: ``[num_labels + 1, H, W]`` float32 ``-squared distance`` of each pixel's colour to
             each class colour (higher is closer), when requested.
         source: the query's path, when it was given as one.
+        painted: ``[H, W, 3]`` uint8: the colours the model painted (the raw answer), made at full size
+            when first read (:attr:`painted_small` is the model's own resolution).
     """
 
     mask: np.ndarray
-    painted: np.ndarray
+    painted_small: np.ndarray  # [h, w, 3] uint8 at the model's resolution
     scores: np.ndarray | None = None
     source: str | None = None
 
     @property
     def size(self) -> tuple[int, int]:
         return tuple(self.mask.shape)
+
+    @property
+    def painted(self) -> np.ndarray:
+        return resize_nearest(self.painted_small.transpose(2, 0, 1), self.size).transpose(1, 2, 0)
+
+
+def result_from_painted(picture: np.ndarray, size: tuple[int, int], *, num_labels: int | None,
+                        return_scores: bool = False, source: str | None = None) -> SegmentationResult:
+    """A painted ``[3, h, w]`` answer in ``[0, 255]`` -> the query's :class:`SegmentationResult` at ``size``.
+
+    Each pixel takes the class of the nearest palette colour (binary: black or white), decided at the
+    model's resolution and then resized with torch's nearest rule (the two commute, so this equals
+    transformers' post-processing, which resizes first). Only the answer's own dtype (bool, or the
+    smallest unsigned integer for the classes) is made at full size.
+    """
+    palette = np.asarray(build_palette(1 if num_labels is None else num_labels), dtype=np.float32)
+    distance = palette_distances(picture, palette)  # [h, w, L+1]
+    classes = distance.argmin(-1).astype(smallest_uint(len(palette)))
+    small = classes == 1 if num_labels is None else classes
+    mask = resize_nearest(small[None], size)[0]
+    scores = resize_nearest(-distance.transpose(2, 0, 1), size).astype(np.float32) if return_scores else None
+    return SegmentationResult(mask=mask, painted_small=np.ascontiguousarray(
+        picture.astype(np.uint8).transpose(1, 2, 0)), scores=scores, source=source)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,13 +121,16 @@ class Segmenter:
             CPU, 32 on accelerators).
         ensemble_mode: how several prompts are combined (see the model's ``ensemble_mode``).
         compilation_cache: ``True`` or a folder: keep compiled programs across processes.
+        max_pixels: query files of more pixels are refused before decoding (``None``: no limit). A query
+            of ``P`` pixels takes about ``12 P`` bytes beside the model while it is read and answered.
 
     A last, partial batch runs at its own size on CPU (a compile costs less than padded rows there)
     and is padded to the full batch on accelerators (a padded row costs less than a compile).
     """
 
     def __init__(self, model, *, batch_size: int | None = None, ensemble_mode: str = "transformers",
-                 compilation_cache: bool | str | os.PathLike | None = None):
+                 compilation_cache: bool | str | os.PathLike | None = None,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
         _check_choice("ensemble_mode", ensemble_mode, ENSEMBLE_MODES)
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                        or batch_size < 1):
@@ -114,7 +144,8 @@ class Segmenter:
         self.batch_size = batch_size or default_batch_size()
         self.pad_batches = jax.default_backend() != "cpu"
         self.ensemble_mode = ensemble_mode
-        self.shapes_run: set[tuple[int, int]] = set()  # (rows, prompts per query) of every forward so far
+        self.max_pixels = max_pixels
+        self._shapes: set[tuple[int, int, bool]] = set()  # every forward's (rows, prompts per query, masked)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike = "BAAI/seggpt-vit-large", *,
@@ -129,7 +160,7 @@ class Segmenter:
     def prepare_query(self, image: Any) -> tuple[np.ndarray, tuple[int, int], str | None]:
         """``([3, h, w] float32, original (H, W), path or None)``."""
         source = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
-        rgb = to_rgb_uint8(image, what=f"query {source or ''}".strip())
+        rgb = to_rgb_uint8(image, what=f"query {source or ''}".strip(), max_pixels=self.max_pixels)
         pixels = self.processor(images=rgb, return_tensors="np")["pixel_values"][0]
         return pixels, rgb.shape[:2], source
 
@@ -178,15 +209,15 @@ class Segmenter:
         if not binary and (num_labels is None or isinstance(num_labels, bool) or not isinstance(num_labels, int)
                            or num_labels < 1):
             raise ValueError(f"semantic mode needs num_labels >= 1, got {num_labels!r}")
-        if callable(getattr(prompts, "check_model", None)):  # a LearnedPrompt must fit this model
+        if callable(getattr(prompts, "check_model", None)):  # a LearnedPrompt must fit this model and mode
             prompts.check_model(self.model.config)
+            prompts.check_mode(None if binary else num_labels)
         total = len(images) if isinstance(images, Sequence) else None
         per_query = normalise_prompts(prompts, total) if is_per_query(prompts) else None
         shared = normalise_prompts(prompts, None) if per_query is None else None
         types = _embedding_types(embedding_type, total, "instance" if binary else "semantic")
         prepare_prompt = PromptPreparer(self.processor, None if binary else num_labels,
                                         None if binary else colour_map)
-        palette = np.asarray(build_palette(1 if binary else num_labels), dtype=np.float32)
 
         pending: list[_Query | InputFailure] = []
         seen = done = 0
@@ -201,11 +232,8 @@ class Segmenter:
                 if isinstance(item, InputFailure):
                     yield item
                     continue
-                picture = next(painted)  # [3, h, w] in [0, 255]
-                classes, scores = classes_from_painted(picture, palette, item.size, return_scores=return_scores)
-                yield SegmentationResult(mask=classes == 1 if binary else classes,
-                                         painted=resize_nearest(picture, item.size).astype(np.uint8).transpose(1, 2, 0),
-                                         scores=scores, source=item.source)
+                yield result_from_painted(next(painted), item.size, num_labels=None if binary else num_labels,
+                                          return_scores=return_scores, source=item.source)
             done += len(pending)
             pending.clear()
             if progress is not None:
@@ -247,14 +275,36 @@ class Segmenter:
         target = max(1, self.batch_size // count) * count if pad and self.pad_batches else real
         for rows in (rows_q, rows_pi, rows_pm, rows_type):
             rows.extend(rows[real - count:real] * ((target - real) // count))
-        if (target, count) not in self.shapes_run:
-            logger.info("first batch of %d rows (%d prompt%s per query): it compiles unless compiled before",
-                        target, count, "s" if count > 1 else "")
-            self.shapes_run.add((target, count))
-        out = self.model(np.stack(rows_q), np.stack(rows_pi), np.stack(rows_pm), feature_ensemble=count > 1,
-                         embedding_type=np.asarray(rows_type), ensemble_mode=ensemble_mode, prompts_per_query=count)
-        painted = painted_query(out, self.processor.image_mean, self.processor.image_std)  # [rows, 3, h, w]
+        painted = self.paint_rows(np.stack(rows_q), np.stack(rows_pi), np.stack(rows_pm), np.asarray(rows_type),
+                                  prompts_per_query=count, ensemble_mode=ensemble_mode)
         return [painted[i * count] for i in range(len(queries))]
+
+    @property
+    def shapes_run(self) -> frozenset[tuple[int, int]]:
+        """``(rows, prompts per query)`` of every forward run so far (each one compiled program)."""
+        return frozenset((rows, count) for rows, count, _ in self._shapes)
+
+    def paint_rows(self, pixels: np.ndarray, prompt_images: np.ndarray, prompt_masks: np.ndarray,
+                   is_instance: np.ndarray | str, *, prompts_per_query: int, ensemble_mode: str,
+                   prompt_valid: np.ndarray | None = None) -> np.ndarray:
+        """One forward over model-input rows (``[rows, 3, h, w]`` each; groups of ``prompts_per_query``
+        consecutive rows are one query, feature-ensembled) -> the painted query halves, ``[rows, 3, h, w]``
+        in ``[0, 255]``. The first forward of each shape says that it compiles, and how long it took."""
+        count = prompts_per_query
+        key = (len(pixels), count, prompt_valid is not None)
+        first = key not in self._shapes
+        if first:
+            logger.info("first batch of %d row%s (%d prompt%s per query%s): it compiles unless compiled before ...",
+                        len(pixels), "s" if len(pixels) > 1 else "", count, "s" if count > 1 else "",
+                        ", unused ones masked" if prompt_valid is not None else "")
+        start = time.perf_counter()
+        out = self.model(pixels, prompt_images, prompt_masks, feature_ensemble=count > 1, embedding_type=is_instance,
+                         ensemble_mode=ensemble_mode, prompts_per_query=count, prompt_valid=prompt_valid)
+        painted = painted_query(out, self.processor.image_mean, self.processor.image_std)  # [rows, 3, h, w]
+        if first:
+            self._shapes.add(key)
+            logger.info("ran it in %.1fs; later batches of this shape reuse its program", time.perf_counter() - start)
+        return painted
 
     # ------------------------------------------------------------------------------ video
     def segment_video(self, frames: Iterable[Any], prompt: Any, *, context_frames: int = 0,
@@ -272,15 +322,14 @@ class Segmenter:
                              embedding_type=embedding_type, progress=progress, errors=errors)
 
 
-def compile_ahead(config, *, queries: int, prompts: int = 1, batch_size: int | None = None,
-                  ensemble_mode: str = "transformers", **model_kwargs: Any) -> Callable[[], None]:
-    """Compile, on a thread, the forward a :class:`Segmenter` will run first, from the config alone.
+def compile_forward(config, *, queries: int, prompts: int = 1, batch_size: int | None = None,
+                    ensemble_mode: str = "transformers", **model_kwargs: Any) -> None:
+    """Compile the forward a :class:`Segmenter` will run first, from the config alone.
 
-    No weights are needed (the model is built abstractly), so this runs while the weights load; XLA keeps
-    the executable and the Segmenter's first batch does not compile again. ``model_kwargs`` are the
-    model's construction settings (``dtype``, ``param_dtype``, ``precision``, ``runtime``), as given to
-    ``from_pretrained``. Returns a function that waits for the compilation (its errors are not raised:
-    the first call would compile anyway).
+    No weights are needed (the model is built abstractly), so this can run while the weights load
+    (:func:`compile_ahead`); XLA keeps the executable and the Segmenter's first batch does not compile
+    again. ``model_kwargs`` are the model's construction settings (``dtype``, ``param_dtype``,
+    ``precision``, ``runtime``), as given to ``from_pretrained``.
     """
     from flax import nnx
 
@@ -290,18 +339,21 @@ def compile_ahead(config, *, queries: int, prompts: int = 1, batch_size: int | N
     per_batch = max(1, (batch_size or default_batch_size()) // prompts)
     rows = min(per_batch, max(queries, 1)) * prompts
     zeros = np.zeros((rows, config.num_channels, *config.query_size), np.float32)
+    abstract = nnx.eval_shape(lambda: SegGptForImageSegmentation(config, rngs=nnx.Rngs(0), **model_kwargs))
+    graphdef, state = nnx.split(abstract)
+    inputs, options = prepare(config, zeros, zeros, zeros, feature_ensemble=prompts > 1,
+                              embedding_type=np.ones(rows, bool), ensemble_mode=ensemble_mode,
+                              prompts_per_query=prompts)
+    _forward_jit.lower(graphdef, state, inputs, options).compile()
 
-    def compile_first_batch() -> None:
-        abstract = nnx.eval_shape(lambda: SegGptForImageSegmentation(config, rngs=nnx.Rngs(0), **model_kwargs))
-        graphdef, state = nnx.split(abstract)
-        inputs, options = prepare(config, zeros, zeros, zeros, feature_ensemble=prompts > 1,
-                                  embedding_type=np.ones(rows, bool), ensemble_mode=ensemble_mode,
-                                  prompts_per_query=prompts)
-        _forward_jit.lower(graphdef, state, inputs, options).compile()
+
+def compile_ahead(config, **kwargs: Any) -> Callable[[], None]:
+    """:func:`compile_forward` on a thread; returns the function that waits for it (its errors are not
+    raised: it is only a head start, the first real call compiles and reports)."""
 
     def run() -> None:
         try:
-            compile_first_batch()
+            compile_forward(config, **kwargs)
         except Exception as e:  # noqa: BLE001 - only a head start: the real call compiles and reports
             logger.debug("compiling ahead failed: %s", e)
 

@@ -16,8 +16,6 @@ from typing import Any
 import numpy as np
 
 from ..imaging.decode import InputError
-from ..imaging.masks import build_palette
-from ..imaging.processor import classes_from_painted, painted_query, resize_nearest
 from ..nn.inputs import EMBEDDING_TYPES, ENSEMBLE_MODES
 from .prompts import PromptPreparer, as_prompt
 
@@ -28,9 +26,10 @@ def segment_video(segmenter, frames: Iterable[Any], prompt: Any, *, context_fram
                   errors: str = "raise") -> Iterator[Any]:
     """One binary :class:`~seggpt_jax.inference.segmenter.SegmentationResult` per frame, in order (or an
     :class:`~seggpt_jax.inference.segmenter.InputFailure` for an unreadable frame with ``errors="return"``;
-    it joins no context). The first ``context_frames`` frames have fewer prompts, so
-    ``context_frames + 1`` programs are compiled."""
-    from .segmenter import InputFailure, SegmentationResult
+    it joins no context). Every frame runs with ``context_frames + 1`` prompt slots; the first frames,
+    which have fewer context frames, leave the rest unused (``prompt_valid``), which changes nothing in
+    their answer, so the whole clip runs as one compiled program."""
+    from .segmenter import InputFailure, result_from_painted
 
     if isinstance(context_frames, bool) or not isinstance(context_frames, int) or context_frames < 0:
         raise ValueError(f"context_frames must be a non-negative integer, got {context_frames!r}")
@@ -48,7 +47,7 @@ def segment_video(segmenter, frames: Iterable[Any], prompt: Any, *, context_fram
     processor = segmenter.processor
     first_image, first_mask = PromptPreparer(processor, None)(first)
     context: collections.deque = collections.deque(maxlen=context_frames)
-    palette = np.asarray(build_palette(1), dtype=np.float32)
+    slots = context_frames + 1  # the first frame's prompt and K context frames: one program for every frame
     for index, frame in enumerate(frames):
         try:
             pixels, size, source = segmenter.prepare_query(frame)
@@ -57,19 +56,16 @@ def segment_video(segmenter, frames: Iterable[Any], prompt: Any, *, context_fram
                 raise
             yield InputFailure(index, None, str(e))
             continue
-        images = [first_image] + [c[0] for c in context]
-        masks = [first_mask] + [c[1] for c in context]
-        count = len(images)
-        segmenter.shapes_run.add((count, count))
-        out = segmenter.model(np.stack([pixels] * count), np.stack(images), np.stack(masks),
-                              feature_ensemble=count > 1, ensemble_mode=ensemble_mode, embedding_type=embedding_type)
-        painted = painted_query(out, processor.image_mean, processor.image_std)[0]  # [3, h, w] in [0, 255]
+        used = 1 + len(context)  # the first frames have fewer context frames: the rest of the slots are unused
+        images = [first_image] + [c[0] for c in context] + [first_image] * (slots - used)
+        masks = [first_mask] + [c[1] for c in context] + [first_mask] * (slots - used)
+        painted = segmenter.paint_rows(np.stack([pixels] * slots), np.stack(images), np.stack(masks), embedding_type,
+                                       prompts_per_query=slots, ensemble_mode=ensemble_mode,
+                                       prompt_valid=np.arange(slots) < used)[0]  # [3, h, w] in [0, 255]
         foreground = painted.mean(axis=0) > 128
         picture = np.repeat((foreground.astype(np.uint8) * 255)[..., None], 3, axis=-1)
         context.append((pixels, processor(prompt_masks=picture, do_convert_rgb=False,
                                           return_tensors="np")["prompt_masks"][0]))
-        classes, _ = classes_from_painted(painted, palette, size)
-        yield SegmentationResult(mask=classes == 1, painted=resize_nearest(painted, size).astype(np.uint8)
-                                 .transpose(1, 2, 0), source=source)
+        yield result_from_painted(painted, size, num_labels=None, source=source)
         if progress is not None:
             progress(index + 1, None)

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 
 from .chunked_attention import attention_chunked
 from .flash_attention import attention_flash
+from ..runtime import ATTENTION_IMPLS, PLATFORMS, platform_name  # noqa: F401 (the names live in runtime)
 from .ops import relative_tables
 
 
@@ -72,20 +73,7 @@ def attention_plain(
 
 
 # ------------------------------------------------------------------------------------ fast paths
-ATTENTION_IMPLS = ("auto", "plain", "chunked", "flash", "widened")
-#: Target platforms: ``"cuda"`` and ``"gpu"`` are the same (an NVIDIA GPU; ``jax.export`` calls it ``"cuda"``).
-PLATFORMS = ("cpu", "cuda", "gpu", "tpu")
 _HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-
-
-def platform_name(platform: str | None) -> str:
-    """``jax.export``'s name for a target platform: ``"cpu"``, ``"cuda"`` (also for ``"gpu"``) or ``"tpu"``;
-    ``None``: ``jax.default_backend()``. Any other name is a ``ValueError``."""
-    name = platform if platform is not None else jax.default_backend()
-    if not isinstance(name, str) or name.lower() not in PLATFORMS:
-        raise ValueError(f"platform must be one of {PLATFORMS}, got {name!r}")
-    name = name.lower()
-    return "cuda" if name == "gpu" else name
 
 
 def backend_of(platform: str | None) -> str:

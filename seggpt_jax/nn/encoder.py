@@ -46,7 +46,8 @@ class SegGptEncoderOutput(ModelOutput):
     intermediate_hidden_states: tuple[Array, ...] | None = None
 
 
-def average_prompt_features(x: Array, layer: int, merge_index: int, *, mode: str, prompts: int) -> Array:
+def average_prompt_features(x: Array, layer: int, merge_index: int, *, mode: str, prompts: int,
+                            valid: Array | None = None) -> Array:
     """The feature ensemble: average the query half of the attention output over the prompts of each query.
 
     ``x: [n, rows, cols, C]`` with ``n = 2B`` (image stream, then mask stream) up to the merge layer
@@ -58,6 +59,11 @@ def average_prompt_features(x: Array, layer: int, merge_index: int, *, mode: str
     * ``"original"`` (BAAI ``Block.forward`` with ``merge_between_batch=0``): layers up to and
       including the merge average within each stream, later layers over the prompts; nothing at
       all with a single prompt.
+
+    ``valid`` (``[B]`` bool, one flag per sample of one stream): only the valid prompts of each query
+    are averaged, and a query with a single valid prompt is left as it would be without the ensemble,
+    so that padding a group with unused prompts changes nothing (the video procedure's growing context
+    runs as one program).
     """
     streams = 2 if layer <= merge_index else 1
     merge_layer_quirk = mode == "transformers" and layer == merge_index
@@ -68,8 +74,15 @@ def average_prompt_features(x: Array, layer: int, merge_index: int, *, mode: str
     groups = x.shape[0] // streams // prompts
     grouped = bottom.reshape((streams, groups, prompts) + bottom.shape[1:])  # [s, g, p, h/2, w, C]
     axes = (0, 2) if merge_layer_quirk else (2,)
-    mean = jnp.mean(grouped, axis=axes, keepdims=True)
-    bottom = jnp.broadcast_to(mean, grouped.shape).reshape(bottom.shape)
+    if valid is None:
+        mean = jnp.mean(grouped, axis=axes, keepdims=True)
+        bottom = jnp.broadcast_to(mean, grouped.shape).reshape(bottom.shape)
+    else:
+        weights = valid.astype(x.dtype).reshape((1, groups, prompts, 1, 1, 1))
+        count = jnp.sum(jnp.broadcast_to(weights, (streams, groups, prompts, 1, 1, 1)), axis=axes, keepdims=True)
+        mean = jnp.sum(grouped * weights, axis=axes, keepdims=True) / count
+        several = jnp.sum(weights, axis=2, keepdims=True) >= 2  # [1, g, 1, 1, 1, 1]
+        bottom = jnp.where(several, jnp.broadcast_to(mean, grouped.shape), grouped).reshape(bottom.shape)
     return jnp.concatenate([top, bottom], axis=1)
 
 
@@ -103,7 +116,8 @@ class SegGptEncoder(nnx.Module):
         self.layernorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, param_dtype=param_dtype)
 
     def __call__(self, x: Array, settings: ModelSettings, options: ForwardOptions,
-                 dropout_rng: Array | None = None) -> SegGptEncoderOutput:  # x: [2B, h, w, C]
+                 dropout_rng: Array | None = None, prompt_valid: Array | None = None) -> SegGptEncoderOutput:
+        # x: [2B, h, w, C]
         config = self.config
         merge, taps = config.merge_index, set(config.intermediate_hidden_state_indices)
         rates = jnp.asarray(config.drop_path_rates(), jnp.float32)  # [layers]
@@ -116,7 +130,7 @@ class SegGptEncoder(nnx.Module):
             ensemble = None
             if options.feature_ensemble:
                 ensemble = functools.partial(average_prompt_features, layer=start, merge_index=merge,
-                                             mode=options.ensemble_mode, prompts=prompts)
+                                             mode=options.ensemble_mode, prompts=prompts, valid=prompt_valid)
             x, inputs = self._run_layers(x, settings, start, stop, ensemble, rates, keys,
                                          options.output_hidden_states)
             hidden_states += inputs

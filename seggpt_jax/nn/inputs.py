@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..arrays import from_torch
 from ..config import SegGptConfig
 
 EMBEDDING_TYPES = ("semantic", "instance")  # index 0 = semantic, 1 = instance (the BAAI code's seg_type)
@@ -29,15 +30,6 @@ class ForwardOptions:
     ensemble_mode: str = "transformers"
     output_hidden_states: bool = False
     prompts_per_query: int | None = None
-
-
-def from_torch(value: Any) -> Any:
-    """A torch tensor (any device, bfloat16, requiring grad) as a numpy array, without importing torch;
-    anything else as it is."""
-    if not hasattr(value, "detach"):
-        return value
-    value = value.detach().cpu()
-    return (value.float() if str(value.dtype) == "torch.bfloat16" else value).numpy()
 
 
 def _as_float_array(name: str, value: Any, expected: tuple[int, ...]) -> jax.Array | np.ndarray:
@@ -140,6 +132,30 @@ def embedding_type_flags(embedding_type: Any, batch: int) -> np.ndarray | jax.Ar
     raise ValueError(f"embedding_type must be 'instance' or 'semantic' (or one per sample), got {embedding_type!r}")
 
 
+def _prompt_valid(value: Any, batch: int, prompts: int, feature_ensemble: bool):
+    """``[batch]`` bool flags of the prompts that take part in their query's ensemble, or None (all)."""
+    if value is None:
+        return None
+    if not feature_ensemble:
+        raise ValueError("prompt_valid selects the prompts of a feature ensemble: it needs feature_ensemble=True")
+    value = from_torch(value)
+    if isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer):
+        value = np.asarray(value)
+    if not isinstance(value, (jax.Array, np.ndarray)):
+        value = np.asarray(value)
+    if tuple(value.shape) != (batch,):
+        raise ValueError(f"prompt_valid must hold one flag per sample, shape ({batch},), got {tuple(value.shape)}")
+    if isinstance(value, np.ndarray):
+        if value.dtype != bool and not np.all((value == 0) | (value == 1)):
+            raise ValueError("prompt_valid must hold booleans or 0/1 values")
+        value = value.astype(bool)
+        if not np.all(value.reshape(-1, prompts).any(axis=1)):
+            raise ValueError("prompt_valid leaves a query without any prompt: each group of prompts_per_query "
+                             "samples needs at least one valid prompt")
+        return value
+    return value.astype(jnp.bool_)
+
+
 def prepare(
     config: SegGptConfig,
     pixel_values: Any,
@@ -153,6 +169,7 @@ def prepare(
     output_hidden_states: bool = False,
     prompts_per_query: int | None = None,
     dropout_rng: Any = None,
+    prompt_valid: Any = None,
 ) -> tuple[dict[str, Any], ForwardOptions]:
     """Check the caller's arguments; return the array inputs and the static options."""
     expected = (config.num_channels, *config.query_size)
@@ -190,6 +207,7 @@ def prepare(
             jnp.issubdtype(dropout_rng.dtype, jax.dtypes.prng_key) or dropout_rng.shape == (2,))):
         raise TypeError("dropout_rng must be a jax PRNG key (jax.random.key(seed)) or None")
     arrays["dropout_rng"] = dropout_rng
+    arrays["prompt_valid"] = _prompt_valid(prompt_valid, batch, prompts_per_query or batch, feature_ensemble)
     options = ForwardOptions(
         feature_ensemble=feature_ensemble,
         ensemble_mode=ensemble_mode,

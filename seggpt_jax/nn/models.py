@@ -90,7 +90,7 @@ class SegGptBackbone(nnx.Module):
         mask_canvas = jnp.concatenate([inputs["prompt_masks"], second], axis=2)
         embeddings = self.embeddings(_nchw_to_nhwc(pixel_canvas, dt), _nchw_to_nhwc(mask_canvas, dt),
                                      inputs["bool_masked_pos"], inputs["is_instance"], settings)  # [2B, h, w, C]
-        return self.encoder(embeddings, settings, options, inputs.get("dropout_rng"))
+        return self.encoder(embeddings, settings, options, inputs.get("dropout_rng"), inputs.get("prompt_valid"))
 
 
 class _Model(PretrainedMixin):
@@ -166,14 +166,14 @@ class SegGptModel(_Model, SegGptBackbone):
                  feature_ensemble: bool | None = False, embedding_type: Any = "instance", labels=None,
                  output_attentions: bool | None = None, output_hidden_states: bool | None = False,
                  return_dict: bool | None = None, *, ensemble_mode: str = "transformers",
-                 prompts_per_query: int | None = None,
-                 dropout_rng: Array | None = None) -> SegGptEncoderOutput | tuple:
+                 prompts_per_query: int | None = None, dropout_rng: Array | None = None,
+                 prompt_valid: Any = None) -> SegGptEncoderOutput | tuple:
         """Same arguments as :meth:`SegGptForImageSegmentation.__call__`; runs the jitted encoder.
         ``return_dict=False``: transformers' tuple, the set fields of ``last_hidden_state, hidden_states,
         intermediate_hidden_states``."""
         out = self._run(pixel_values, prompt_pixel_values, prompt_masks, bool_masked_pos, feature_ensemble,
                         embedding_type, labels, ensemble_mode, output_hidden_states, prompts_per_query, dropout_rng,
-                        output_attentions=output_attentions)
+                        prompt_valid, output_attentions=output_attentions)
         if return_dict is None or return_dict:
             return out
         return tuple(value for value in (out.last_hidden_state, out.hidden_states, out.intermediate_hidden_states)
@@ -216,8 +216,8 @@ class SegGptForImageSegmentation(_Model, nnx.Module):
                  feature_ensemble: bool | None = False, embedding_type: Any = "instance", labels=None,
                  output_attentions: bool | None = None, output_hidden_states: bool | None = False,
                  return_dict: bool | None = None, *, ensemble_mode: str = "transformers",
-                 prompts_per_query: int | None = None,
-                 dropout_rng: Array | None = None) -> SegGptImageSegmentationOutput | tuple:
+                 prompts_per_query: int | None = None, dropout_rng: Array | None = None,
+                 prompt_valid: Any = None) -> SegGptImageSegmentationOutput | tuple:
         """Paint the query's mask. Arguments (in transformers' order) and layout follow
         ``transformers.SegGptForImageSegmentation``; ``None`` means the default, as there.
 
@@ -240,13 +240,17 @@ class SegGptForImageSegmentation(_Model, nnx.Module):
             prompts_per_query: with ``feature_ensemble``, the batch is groups of this many
                 consecutive samples, one group per query (default: the whole batch is one query).
             dropout_rng: a PRNG key enables drop-path (training); ``None`` is inference.
+            prompt_valid: with ``feature_ensemble``, ``[B]`` flags of the prompts that take part in
+                their query's ensemble (default: all); a query with one valid prompt runs as without
+                the ensemble. Padding groups with unused prompts then changes nothing, so a varying
+                number of prompts runs as one compiled program.
 
         The forward is jitted once per input shapes and static switches; call it from inside
         ``jax.jit``/``nnx.jit``/``nnx.grad`` as well.
         """
         out = self._run(pixel_values, prompt_pixel_values, prompt_masks, bool_masked_pos, feature_ensemble,
                         embedding_type, labels, ensemble_mode, output_hidden_states, prompts_per_query, dropout_rng,
-                        output_attentions=output_attentions)
+                        prompt_valid, output_attentions=output_attentions)
         return out if return_dict is None or return_dict else out.to_tuple()
 
 

@@ -82,10 +82,31 @@ class LearnedPrompt:
             raise ValueError(f"this learned prompt is {size[0]}x{size[1]} but the model takes "
                              f"{config.query_size[0]}x{config.query_size[1]} images: it was tuned for another model")
 
-    def save(self, path: str | os.PathLike) -> None:
-        """safetensors with the canvases and the metadata (JSON) in its header; written atomically."""
+    @property
+    def num_labels(self) -> int | None:
+        """The mode it was tuned in: ``None`` for binary masks, else the number of classes."""
+        value = self.metadata.get("num_labels")
+        return None if value is None else int(value)
+
+    def check_mode(self, num_labels: int | None) -> None:
+        """Raise unless this prompt was tuned for ``num_labels`` (``None``: binary masks): a prompt
+        paints the masks of its own task, in its own colours."""
+        if "num_labels" not in self.metadata:
+            return  # made by hand (no tuning record): nothing to check against
+        if num_labels != self.num_labels:
+            def mode(n: int | None) -> str:
+                return "binary masks" if n is None else f"{n} classes"
+
+            hint = "drop --num-labels (num_labels)" if self.num_labels is None else \
+                f"use --num-labels {self.num_labels} (num_labels={self.num_labels})"
+            raise ValueError(f"this learned prompt was tuned for {mode(self.num_labels)}, not {mode(num_labels)}: "
+                             f"it paints its own task's masks; {hint}")
+
+    def save(self, path: str | os.PathLike, *, output=None) -> None:
+        """safetensors with the canvases and the metadata (JSON) in its header; written atomically (through
+        ``output``, an :class:`~seggpt_jax.files.OutputFolder`, when given)."""
         save_tree(os.fspath(path), {"prompt_pixel_values": self.prompt_pixel_values, "prompt_masks": self.prompt_masks},
-                  {"format": FORMAT, "metadata": json.dumps(self.metadata, sort_keys=True)})
+                  {"format": FORMAT, "metadata": json.dumps(self.metadata, sort_keys=True)}, output=output)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LearnedPrompt":
@@ -193,11 +214,12 @@ def prompt_loss(model, prompt: dict, batch: dict, *, instance: bool) -> jax.Arra
 def tune_prompt(model, dataset: Dataset, config: PromptTuningConfig = PromptTuningConfig(), *,
                 start: LearnedPrompt | None = None, log: Callable[[dict], None] | None = None,
                 checkpoint: str | None = None, start_step: int = 0,
-                opt_state: Any = None) -> LearnedPrompt:
+                opt_state: Any = None, output=None) -> LearnedPrompt:
     """Optimise a prompt for ``dataset`` with ``model`` frozen; returns the learned prompt.
 
     With ``checkpoint`` the prompt (and Adam state) is saved every ``checkpoint_every`` steps to
-    ``checkpoint`` (+ ``.state.safetensors``), and :func:`resume_prompt_tuning` continues from it.
+    ``checkpoint`` (+ ``.state.safetensors``), and :func:`resume_prompt_tuning` continues from it;
+    ``output`` (an :class:`~seggpt_jax.files.OutputFolder` holding them) records them as the tool's.
     """
     instance = (config.embedding_type or ("instance" if dataset.num_labels is None else "semantic")) == "instance"
     prompt = start or initial_prompt(dataset, model.config, config)
@@ -232,14 +254,14 @@ def tune_prompt(model, dataset: Dataset, config: PromptTuningConfig = PromptTuni
                  "seconds": round(time.perf_counter() - start_time, 3)})
             losses = []
         if checkpoint and (done % config.checkpoint_every == 0 or done == config.steps):
-            _save_state(checkpoint, params, opt_state, dict(meta, steps=done), config)
+            _save_state(checkpoint, params, opt_state, dict(meta, steps=done), config, output)
     return LearnedPrompt(np.asarray(params["image"]), np.asarray(params["mask"]), dict(meta, steps=config.steps))
 
 
-def _save_state(path: str, params, opt_state, meta: dict, config: PromptTuningConfig) -> None:
-    LearnedPrompt(np.asarray(params["image"]), np.asarray(params["mask"]), meta).save(path)
+def _save_state(path: str, params, opt_state, meta: dict, config: PromptTuningConfig, output=None) -> None:
+    LearnedPrompt(np.asarray(params["image"]), np.asarray(params["mask"]), meta).save(path, output=output)
     save_tree(path + ".state.safetensors", opt_state,
-              {"step": str(meta["steps"]), "config": json.dumps(dataclasses.asdict(config))})
+              {"step": str(meta["steps"]), "config": json.dumps(dataclasses.asdict(config))}, output=output)
 
 
 def resume_prompt_tuning(model, dataset: Dataset, checkpoint: str, config: PromptTuningConfig | None = None,

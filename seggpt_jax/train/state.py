@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
+import re
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 
-from ..files import atomic_save, process_umask
+from ..files import atomic_save, replace_folder as write_folder, text_writer, write_json  # noqa: F401 (re-exported)
 from ..weights import read_safetensors
 
 LATEST = "latest"
@@ -38,12 +37,23 @@ def tree_arrays(tree: Any) -> dict[str, np.ndarray]:
     return {_key(path): np.asarray(jax.device_get(leaf)) for path, leaf in leaves}
 
 
-def save_tree(path: str, tree: Any, metadata: dict[str, str] | None = None) -> None:
-    """Write ``tree``'s arrays keyed by path (atomically) with string ``metadata`` in the header."""
+def save_tree(path: str, tree: Any, metadata: dict[str, str] | None = None, *, output=None) -> None:
+    """Write ``tree``'s arrays keyed by path (atomically) with string ``metadata`` in the header;
+    through ``output`` (an :class:`~seggpt_jax.files.OutputFolder` holding ``path``) when given, so that
+    the file is recorded as the tool's and never replaces someone else's."""
     from safetensors.numpy import save_file
 
     arrays = tree_arrays(tree)
-    atomic_save(path, lambda tmp: save_file(arrays, tmp, metadata=metadata))
+    save_output(path, lambda tmp: save_file(arrays, tmp, metadata=metadata), output)
+
+
+def save_output(path: str, write, output=None) -> None:
+    """``write(tmp)`` atomically to ``path``: through ``output`` (replacing only the tool's own file of
+    that name) when given, else straight (the caller named the path)."""
+    if output is None:
+        atomic_save(path, write)
+    else:
+        output.write(os.path.basename(path), write, replace=True)
 
 
 def load_tree(path: str, template: Any) -> tuple[Any, dict[str, str]]:
@@ -64,41 +74,31 @@ def load_tree(path: str, template: Any) -> tuple[Any, dict[str, str]]:
     return jax.tree_util.tree_unflatten(treedef, values), metadata
 
 
-def write_folder(directory: str, fill: Callable[[str], None]) -> None:
-    """``fill(staging)`` writes a complete folder, which then takes ``directory``'s place.
-
-    A folder already at ``directory`` is moved aside first and removed only once the new one is in
-    place; an interruption leaves either the old folder (perhaps under its aside name, with the
-    staging folder beside it) or the new one, never a half-written folder under ``directory``.
-    """
-    directory = os.path.abspath(directory)
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.partial-", dir=parent)
-    aside = None
-    try:
-        fill(staging)
-        os.chmod(staging, 0o777 & ~process_umask())  # mkdtemp makes it 0700
-        if os.path.lexists(directory):
-            aside = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old-", dir=parent)
-            os.rmdir(aside)
-            os.replace(directory, aside)
-        os.replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
+def point_latest(run_dir: str, name: str, *, output=None) -> None:
+    """Atomically make ``run_dir/latest`` name the checkpoint folder ``name`` (written last; through
+    ``output``, the run's :class:`~seggpt_jax.files.OutputFolder`, when given)."""
+    path = os.path.join(run_dir, LATEST)
+    save_output(path, text_writer(name + "\n"), output)
 
 
-def point_latest(run_dir: str, name: str) -> None:
-    """Atomically make ``run_dir/latest`` name the checkpoint folder ``name`` (written last)."""
+CHECKPOINT_NAME = re.compile(r"^step_(\d+)$")
 
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(name + "\n")
 
-    atomic_save(os.path.join(run_dir, LATEST), write)
+def prune_checkpoints(run, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` of the tool's own ``step_N`` checkpoint folders in the run's
+    :class:`~seggpt_jax.files.OutputFolder` ``run`` (never the one ``latest`` names, never a folder
+    someone else made). Each goes aside first, so an interruption never leaves half of one under its
+    name. Returns the names removed."""
+    latest = None
+    if run.owns(LATEST):
+        with open(run.target(LATEST), encoding="utf-8") as f:
+            latest = f.read().strip()
+    ours = sorted((int(m.group(1)), name) for name in run.names("folder") if (m := CHECKPOINT_NAME.match(name)))
+    removed = []
+    for _, name in ours[:max(0, len(ours) - keep)]:
+        if name != latest and run.remove(name):
+            removed.append(name)
+    return removed
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -120,13 +120,3 @@ def resolve_checkpoint(path: str) -> str:
         if aside:
             return os.path.join(parent, aside[-1])
     return path
-
-
-def write_json(path: str, data: dict) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    atomic_save(path, write)
-

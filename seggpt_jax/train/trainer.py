@@ -41,9 +41,10 @@ from flax import nnx
 from ..config import SegGptConfig
 from ..runtime import RuntimeConfig
 from ..data import Augment, Dataset, Prefetcher, resize_valid
-from ..nn.models import painter_loss_terms
+from ..nn.models import SegGptForImageSegmentation, painter_loss_terms
 from ..imaging.processor import SegGptImageProcessor
-from .state import load_tree, point_latest, resolve_checkpoint, save_tree, write_folder, write_json
+from ..files import OutputFolder
+from .state import load_tree, point_latest, prune_checkpoints, resolve_checkpoint, save_tree, write_folder, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,25 @@ def trainable_filter(spec: str):
         return nnx.Param
     pattern = re.compile(r"^decoder\." if spec == "decoder" else spec)
     return nnx.All(nnx.Param, lambda path, value: bool(pattern.search(_path(path))))
+
+
+def check_trainable(config: SegGptConfig, spec: str) -> int:
+    """The number of parameter arrays ``spec`` selects in a model of ``config``; a ``ValueError`` that
+    shows the parameter paths it could have matched when it selects none."""
+    abstract = nnx.eval_shape(lambda: _build(config))
+    paths = [_path(path) for path, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param))]
+    selected = [p for p, _ in nnx.to_flat_state(nnx.state(abstract, trainable_filter(spec)))]
+    if not selected:
+        layer = re.compile(r"\.layers\.(\d+)\.")
+        shown = [p for p in paths if not layer.search(p) or ".layers.0." in p]
+        raise ValueError(f"{spec!r} selects no parameter, so nothing would be trained; it is a regex searched in "
+                         f"the parameter paths, which are: {', '.join(shown)} (and the same for every layer "
+                         f"0..{config.num_hidden_layers - 1}); or 'all', or 'decoder'")
+    return len(selected)
+
+
+def _build(config: SegGptConfig):
+    return SegGptForImageSegmentation(config, rngs=nnx.Rngs(0))
 
 
 def _no_decay(name: str) -> bool:
@@ -283,6 +303,7 @@ class Trainer:
 
     def __init__(self, model: nnx.Module, config: TrainConfig, *, batches: Callable[[int], dict] | None = None,
                  optimizer: nnx.Optimizer | None = None, step: int = 0):
+        check_trainable(model.config, config.trainable)
         model = training_view(model, config)
         self.model, self.config, self.batches = model, config, batches
         self.optimizer = optimizer if optimizer is not None else make_optimizer(model, config)
@@ -304,11 +325,20 @@ class Trainer:
 
     def fit(self, *, checkpoint_dir: str | None = None, log: Callable[[dict], None] | None = None,
             evaluate: Callable[[], dict] | None = None, eval_every: int | None = None,
-            stop_after: int | None = None) -> list[dict]:
+            stop_after: int | None = None, keep_checkpoints: int | None = 2) -> list[dict]:
         """Train up to ``config.steps`` (or ``stop_after`` more steps), checkpointing every
-        ``checkpoint_every`` steps and at the end; returns the logged records."""
+        ``checkpoint_every`` steps and at the end; returns the logged records.
+
+        Checkpoints go to ``checkpoint_dir/step_N`` (``checkpoint_dir/latest`` names the newest, written
+        once it is complete); only the newest ``keep_checkpoints`` of the trainer's own checkpoints are
+        kept (``None``: all). The run folder is an :class:`~seggpt_jax.files.OutputFolder`: nothing in it
+        that the tool did not write is ever replaced or deleted.
+        """
         if self.batches is None:
             raise ValueError("Trainer needs batches=... (e.g. EpisodeBatches) to fit")
+        if keep_checkpoints is not None and (isinstance(keep_checkpoints, bool) or keep_checkpoints < 1):
+            raise ValueError(f"keep_checkpoints must be a positive integer or None, got {keep_checkpoints!r}")
+        run = OutputFolder(checkpoint_dir) if checkpoint_dir else None
         end = self.config.steps if stop_after is None else min(self.config.steps, self.step_count + stop_after)
         start_time, losses = time.perf_counter(), []
         for batch in Prefetcher(self.batches, self.step_count, end):
@@ -324,16 +354,19 @@ class Trainer:
                 self.history.append(record)
                 if log is not None:
                     log(record)
-            if checkpoint_dir and (step % self.config.checkpoint_every == 0 or step == end):
+            if run is not None and (step % self.config.checkpoint_every == 0 or step == end):
                 name = f"step_{step:07d}"
-                self.save(os.path.join(checkpoint_dir, name))
-                point_latest(checkpoint_dir, name)  # only once the checkpoint is complete
+                self.save(os.path.join(checkpoint_dir, name), output=run)
+                point_latest(checkpoint_dir, name, output=run)  # only once the checkpoint is complete
+                if keep_checkpoints is not None:
+                    prune_checkpoints(run, keep_checkpoints)
         return self.history
 
     # -------------------------------------------------------------------------- checkpoints
-    def save(self, directory: str) -> None:
+    def save(self, directory: str, *, output: OutputFolder | None = None) -> None:
         """A checkpoint folder: ``model/`` (save_pretrained), ``optimizer.safetensors`` (the optimizer's
-        state keyed by path) and ``trainer.json``, staged and swapped in whole (:func:`write_folder`)."""
+        state keyed by path) and ``trainer.json``, staged, flushed to disk and swapped in whole
+        (through ``output``, the run's :class:`~seggpt_jax.files.OutputFolder`, when given)."""
 
         def fill(staging: str) -> None:
             self.model.save_pretrained(os.path.join(staging, "model"))
@@ -341,14 +374,20 @@ class Trainer:
             write_json(os.path.join(staging, "trainer.json"),
                        {"step": self.step_count, "config": self.config.to_json(), "history": self.history})
 
-        write_folder(directory, fill)
+        if output is None:
+            write_folder(directory, fill)
+        else:
+            output.write_folder(os.path.basename(os.path.normpath(directory)), fill, replace=True)
+
+    @staticmethod
+    def checkpoint_config(path: str) -> SegGptConfig:
+        """The model config of a :meth:`save` folder or run folder (without loading its weights)."""
+        return SegGptConfig.from_json_file(os.path.join(resolve_checkpoint(path), "model", "config.json"))
 
     @classmethod
     def restore(cls, path: str, *, batches: Callable[[int], dict] | None = None,
                 config: TrainConfig | None = None) -> "Trainer":
         """Resume from a :meth:`save` folder, a run folder (its ``latest`` checkpoint) or its ``latest`` file."""
-        from ..nn.models import SegGptForImageSegmentation
-
         directory = resolve_checkpoint(path)
         meta_path = os.path.join(directory, "trainer.json")
         if not os.path.isfile(meta_path):

@@ -234,7 +234,7 @@ def save_pretrained(model: nnx.Module, directory: str | os.PathLike, layout: str
     for name, metadata in files.items():
         atomic_save(os.path.join(directory, name), lambda tmp: _write_safetensors(tmp, tensors, metadata))
     if extra is not None:
-        atomic_save(os.path.join(directory, hub.CONFIG_NAME), lambda tmp: config.to_json_file(tmp, **extra))
+        config.to_json_file(os.path.join(directory, hub.CONFIG_NAME), **extra)
     others = sorted(set(os.listdir(directory)) & (set(hub.WEIGHT_NAMES) | set(hub.ORIGINAL_NAMES)) - set(files))
     if others:
         logger.warning("%s also holds %s from an earlier save; from_pretrained(folder) picks files in the order "
