@@ -52,7 +52,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         description="Segment every frame of CLIP (a folder of frames, an animated GIF/WebP/APNG, or a video file "
                     "with the video extra) from the prompt plus the last K predicted frames as extra prompts, as "
                     "the BAAI code does. Frames are read, segmented and written one at a time: memory does not grow "
-                    "with the clip. Writes frames/NAME_mask.png per frame and an overlay animation.")
+                    "with the clip. A palette PNG as --prompt-mask (as DAVIS annotations) holds objects: each is "
+                    "segmented as its own binary prompt and the objects are merged per pixel by score. Writes "
+                    "frames/NAME_mask.png per frame (0/255, or the objects' ids in the prompt mask's palette) and an "
+                    "overlay animation.")
     video.add_argument("clip", metavar="CLIP", help="folder of frames, animated GIF/WebP/APNG, or video file")
     group = video.add_argument_group("prompt")
     group.add_argument("--prompt-mask", required=True, metavar="MASK", help="the mask of the prompt image")
@@ -226,6 +229,7 @@ def run_video(args: argparse.Namespace) -> int:
     from ..imaging.media import GifWriter, Mp4Writer, frame_rate, iter_frames, mask_image, overlay
     from ..inference.prompts import Prompt
     from ..inference.segmenter import InputFailure
+    from ..inference.video import object_ids
 
     common.check_output_folder(args.out_dir)
     common.check_compilation_cache(args)
@@ -234,6 +238,9 @@ def run_video(args: argparse.Namespace) -> int:
         raise UserError("--overlay mp4 needs the optional video extra: pip install 'seggpt-jax[video]' (or use "
                         "--overlay gif)")
     prompt_picture(args.prompt_mask, None, what="prompt mask")  # readable, before anything loads
+    objects = object_ids(args.prompt_mask)  # a palette mask: its objects, each segmented and merged by score
+    write_mask = _object_mask_writer(args.prompt_mask) if objects else \
+        (lambda mask: mask_image(mask, None))
     frames = iter_frames(args.clip)
     first_name, first_frame = next(frames, (None, None))
     if first_name is None:
@@ -264,8 +271,7 @@ def run_video(args: argparse.Namespace) -> int:
                     failures[name] = result.message
                     continue
                 try:
-                    masks_folder.write(f"{name}_mask.png",
-                                       lambda tmp: mask_image(result.mask, None).save(tmp, format="PNG"))
+                    masks_folder.write(f"{name}_mask.png", lambda tmp: write_mask(result.mask).save(tmp, format="PNG"))
                 except OutputConflict as e:
                     failures[name] = str(e)
                     continue
@@ -275,10 +281,25 @@ def run_video(args: argparse.Namespace) -> int:
         finally:
             bar.close()
     seconds = time.perf_counter() - start
-    print(f"segmented {count} frames (context {args.context_frames}) in {seconds:.1f}s; wrote "
+    what = f", {plural(len(objects), 'object')}" if objects else ""
+    print(f"segmented {count} frames (context {args.context_frames}{what}) in {seconds:.1f}s; wrote "
           f"{plural(count, 'mask')} to {masks_folder.path}" + (f" and {os.path.join(args.out_dir, animation)}"
                                                                if animation and count else ""))
     return report_failures(failures, "frame")
+
+
+def _object_mask_writer(prompt_mask: str):
+    """Object-id masks as palette PNGs with the prompt mask's own palette (DAVIS results read as its
+    annotations do)."""
+    with Image.open(prompt_mask) as image:
+        palette = image.getpalette() or []
+
+    def picture(mask) -> Image.Image:
+        out = Image.fromarray(mask.astype("uint8"), mode="P")
+        out.putpalette(palette + [0] * (768 - len(palette)))
+        return out
+
+    return picture
 
 
 def _chain(first: tuple[str, Any], rest: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:

@@ -201,8 +201,9 @@ class PascalBenchmark(_ClassIdBenchmark):
         return (os.path.join(self.root, "JPEGImages", name + ".jpg"),
                 os.path.join(self.root, "SegmentationClassAug", name + ".png"))
 
-    def hsnet_episodes(self, shots: int, seed: int = 0) -> list[Episode]:
-        return self._episodes(hsnet_pascal_stream(self.fold_list, shots, episodes=HSNET_EPISODES, seed=seed))
+    def hsnet_episodes(self, shots: int, seed: int = 0, count: int = HSNET_EPISODES) -> list[Episode]:
+        """HSNet's episodes (``count`` < 1000: the first of them, a quick check that is not the protocol)."""
+        return self._episodes(hsnet_pascal_stream(self.fold_list, shots, episodes=count, seed=seed))
 
 
 class CocoBenchmark(_ClassIdBenchmark):
@@ -223,8 +224,9 @@ class CocoBenchmark(_ClassIdBenchmark):
         stem = name[:name.index(".jpg")] if ".jpg" in name else os.path.splitext(name)[0]
         return os.path.join(self.root, *name.split("/")), os.path.join(self.root, "annotations", *(stem + ".png").split("/"))
 
-    def hsnet_episodes(self, shots: int, seed: int = 0) -> list[Episode]:
-        return self._episodes(hsnet_coco_stream(self.pools, self.classes, shots, episodes=HSNET_EPISODES, seed=seed))
+    def hsnet_episodes(self, shots: int, seed: int = 0, count: int = HSNET_EPISODES) -> list[Episode]:
+        """HSNet's episodes (``count`` < 1000: the first of them, a quick check that is not the protocol)."""
+        return self._episodes(hsnet_coco_stream(self.pools, self.classes, shots, episodes=count, seed=seed))
 
 
 # ------------------------------------------------------------------------------------ bad samples

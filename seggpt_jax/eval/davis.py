@@ -21,7 +21,6 @@ The layout (:class:`DavisDataset`): ``DAVIS/JPEGImages/480p/<seq>/*.jpg``,
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -84,7 +83,7 @@ def boundary_measure(gt: np.ndarray, prediction: np.ndarray, bound_th: float = B
     gt, prediction = np.asarray(gt, bool), np.asarray(prediction, bool)
     if gt.shape != prediction.shape:
         raise ValueError(f"masks differ in shape: {gt.shape} and {prediction.shape}")
-    radius = bound_th if bound_th >= 1 else math.ceil(bound_th * math.hypot(*gt.shape))
+    radius = bound_th if bound_th >= 1 else float(np.ceil(bound_th * np.linalg.norm(gt.shape)))  # as the official code
     predicted, true = boundary_map(prediction), boundary_map(gt)
     n_predicted, n_true = int(predicted.sum()), int(true.sum())
     if n_predicted == 0 and n_true == 0:

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from ..data import Dataset, Episode
-from ..data.benchmarks import (BAD_SAMPLE_POLICIES, CocoBenchmark, FSS1000Benchmark, PascalBenchmark, Screened,
-                               screen_episodes)
+from ..data.benchmarks import (BAD_SAMPLE_POLICIES, HSNET_EPISODES, CocoBenchmark, FSS1000Benchmark,
+                               PascalBenchmark, Screened, screen_episodes)
 from ..data.datasets import Problem, resize_labels
 from ..data.episodes import class_episodes, fold_classes, sample_episodes
 from ..data.loader import Prefetcher
@@ -190,6 +190,7 @@ class FewShotSettings:
     absent_classes: str | None = None
     eval_size: int | None = None
     folder_dataset: Dataset | None = None
+    episodes_per_fold: int = HSNET_EPISODES  # PASCAL-5i/COCO-20i with HSNet's sampling; fewer is not the protocol
 
     def __post_init__(self) -> None:
         checks = (("protocol", self.protocol, FEW_SHOT_PROTOCOLS), ("sampling", self.sampling, SAMPLINGS),
@@ -218,6 +219,8 @@ class FewShotSettings:
 
     def to_json(self) -> dict:
         out = {k: v for k, v in dataclasses.asdict(self).items() if k != "folder_dataset"}
+        if self.protocol == "fss1000" or self.sampling != "hsnet":
+            del out["episodes_per_fold"]
         out.update(ensemble=self.ensemble or "original", absent_classes=self.absent,
                    threshold=self.threshold if self.threshold is not None else "nearest palette colour (0.5)")
         return out
@@ -251,7 +254,7 @@ def prepare_few_shot(settings: FewShotSettings, workers: int = 4) -> PreparedRun
     elif s.sampling == "hsnet":
         dataset = (PascalBenchmark if s.protocol == "pascal5i" else CocoBenchmark)(s.data, splits, s.fold)
         classes = list(dataset.classes)
-        episodes = dataset.hsnet_episodes(s.shots, seed=s.seed)
+        episodes = dataset.hsnet_episodes(s.shots, seed=s.seed, count=s.episodes_per_fold)
     else:
         if s.folder_dataset is None:
             raise ValueError(f"all-pairs {s.protocol} runs on a folder of class-id masks: pass folder_dataset=")
