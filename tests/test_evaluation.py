@@ -214,6 +214,18 @@ def test_fss_list_episodes_are_hsnets(tmp_path, capsys, monkeypatch):
     assert sum(len(set(e["supports"])) < 5 for e in ours) == 1793
 
 
+def _hsnet_support_loop(pool: list[str], query: str, shot: int) -> list[str]:
+    """HSNet's "keep sampling support set if query == support" loop (pascal.py / coco.py)."""
+    supports = []
+    while True:
+        support = np.random.choice(pool, 1, replace=False)[0]
+        if query != support:
+            supports.append(str(support))
+        if len(supports) == shot:
+            break
+    return supports
+
+
 def _hsnet_pascal_reference(lines: list[str], shot: int) -> list[dict]:
     metadata = [[line.split("__")[0], int(line.split("__")[1]) - 1] for line in lines]
     classwise = {c: [] for c in range(20)}
@@ -224,13 +236,7 @@ def _hsnet_pascal_reference(lines: list[str], shot: int) -> list[dict]:
         out = []
         for idx in range(1000):
             query, c = metadata[idx % len(metadata)]
-            supports = []
-            while True:
-                support = np.random.choice(classwise[c], 1, replace=False)[0]
-                if query != support:
-                    supports.append(str(support))
-                if len(supports) == shot:
-                    break
+            supports = _hsnet_support_loop(classwise[c], query, shot)
             out.append({"class": c + 1, "query": query, "supports": supports})
         return out
 
@@ -245,13 +251,7 @@ def _hsnet_coco_reference(pools: dict, fold: int, shot: int) -> list[dict]:
         for _ in range(1000):
             c = np.random.choice(class_ids, 1, replace=False)[0]
             query = np.random.choice(pools[c], 1, replace=False)[0]
-            supports = []
-            while True:
-                support = np.random.choice(pools[c], 1, replace=False)[0]
-                if query != support:
-                    supports.append(str(support))
-                if len(supports) == shot:
-                    break
+            supports = _hsnet_support_loop(pools[c], query, shot)
             out.append({"class": int(c) + 1, "query": str(query), "supports": supports})
         return out
 

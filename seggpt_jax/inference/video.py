@@ -110,14 +110,11 @@ def segment_video(segmenter, frames: Iterable[Any], prompt: Any, *, context_fram
     first_image, first_mask = PromptPreparer(processor, None)(first)
     context: collections.deque = collections.deque(maxlen=context_frames)
     palette = np.asarray(build_palette(1), dtype=np.float32)
-    for index, frame in enumerate(frames):
-        try:
-            pixels, size, source = segmenter.prepare_query(frame)
-        except (InputError, OSError) as e:
-            if errors == "raise":
-                raise
-            yield InputFailure(index, None, str(e))
+    for index, query in _queries(segmenter, frames, errors):
+        if isinstance(query, InputFailure):
+            yield query
             continue
+        pixels, size, source = query
         images = [first_image] + [c[0] for c in context]
         masks = [first_mask] + [c[1] for c in context]
         count = len(images)
@@ -125,10 +122,7 @@ def segment_video(segmenter, frames: Iterable[Any], prompt: Any, *, context_fram
         out = segmenter.model(np.stack([pixels] * count), np.stack(images), np.stack(masks),
                               feature_ensemble=count > 1, ensemble_mode=ensemble_mode, embedding_type=embedding_type)
         painted = painted_query(out, processor.image_mean, processor.image_std)[0]  # [3, h, w] in [0, 255]
-        foreground = painted.mean(axis=0) > 128
-        picture = np.repeat((foreground.astype(np.uint8) * 255)[..., None], 3, axis=-1)
-        context.append((pixels, processor(prompt_masks=picture, do_convert_rgb=False,
-                                          return_tensors="np")["prompt_masks"][0]))
+        context.append((pixels, _mask_input(processor, painted.mean(axis=0) > 128)))
         classes, _ = classes_from_painted(painted, palette, size)
         yield SegmentationResult(mask=classes == 1, painted=resize_nearest(painted, size).astype(np.uint8)
                                  .transpose(1, 2, 0), source=source)
@@ -150,22 +144,15 @@ def _segment_objects(segmenter, frames: Iterable[Any], first: Any, ids: list[int
     image = to_rgb_uint8(first.image, what="prompt image")
     first_pixels = processor(prompt_images=image, return_tensors="np")["prompt_pixel_values"][0]
 
-    def mask_input(foreground: np.ndarray) -> np.ndarray:
-        picture = np.repeat((foreground.astype(np.uint8) * 255)[..., None], 3, axis=-1)
-        return processor(prompt_masks=picture, do_convert_rgb=False, return_tensors="np")["prompt_masks"][0]
-
-    first_prompts = [PreparedPrompt(first_pixels, mask_input(labels == i)) for i in ids]
+    first_prompts = [PreparedPrompt(first_pixels, _mask_input(processor, labels == i)) for i in ids]
     context: collections.deque = collections.deque(maxlen=context_frames)  # (pixels, [mask per object])
     colours = np.asarray(build_palette(max(ids)), np.uint8)
     id_array = np.asarray(ids, np.int64)
-    for index, frame in enumerate(frames):
-        try:
-            pixels, size, source = segmenter.prepare_query(frame)
-        except (InputError, OSError) as e:
-            if errors == "raise":
-                raise
-            yield InputFailure(index, None, str(e))
+    for index, query in _queries(segmenter, frames, errors):
+        if isinstance(query, InputFailure):
+            yield query
             continue
+        pixels, size, source = query
         items = [(pixels, [first_prompts[k]] + [PreparedPrompt(c_pixels, c_masks[k]) for c_pixels, c_masks in context])
                  for k in range(len(ids))]
         painted = paint_queries(segmenter, items, ensemble_mode=ensemble_mode, instance=instance)
@@ -173,8 +160,28 @@ def _segment_objects(segmenter, frames: Iterable[Any], first: Any, ids: list[int
         best = scores.argmax(axis=0)
         merged = np.where(scores.max(axis=0) > 0, id_array[best], 0)  # [h, w] at the model's resolution
         if context_frames:
-            context.append((pixels, [mask_input(merged == i) for i in ids]))
+            context.append((pixels, [_mask_input(processor, merged == i) for i in ids]))
         mask = resize_nearest(merged[None], size)[0]
         yield SegmentationResult(mask=mask, painted=colours[mask], source=source)
         if progress is not None:
             progress(index + 1, None)
+
+
+def _queries(segmenter, frames: Iterable[Any], errors: str) -> Iterator[tuple[int, Any]]:
+    """``(index, (pixels, size, source))`` per frame, or ``(index, InputFailure)`` for an unreadable one
+    (``errors="return"``)."""
+    from .segmenter import InputFailure
+
+    for index, frame in enumerate(frames):
+        try:
+            yield index, segmenter.prepare_query(frame)
+        except (InputError, OSError) as e:
+            if errors == "raise":
+                raise
+            yield index, InputFailure(index, None, str(e))
+
+
+def _mask_input(processor, foreground: np.ndarray) -> np.ndarray:
+    """A binary foreground as the prompt-mask model input (white on black)."""
+    picture = np.repeat((foreground.astype(np.uint8) * 255)[..., None], 3, axis=-1)
+    return processor(prompt_masks=picture, do_convert_rgb=False, return_tensors="np")["prompt_masks"][0]
