@@ -195,8 +195,8 @@ def markdown(result: dict, types: list[str]) -> str:
         lines.append("")
         fss = [r for r in runs if r["protocol"] == "fss1000" and r["shots"] > 1]
         if fss:
-            lines += ["## Table 4a: ensembles on FSS-1000 (mIoU %)", "", "| examples | ensemble | embedding | ours | paper |",
-                      "|---|---|---|---|---|"]
+            lines += ["## Table 4a: ensembles on FSS-1000 (mIoU %)", "",
+                      "| examples | ensemble | embedding | ours | paper |", "|---|---|---|---|---|"]
             for r in fss:
                 paper = _paper(("fss1000", r["column"])) if r["shots"] == 4 else "-"
                 lines.append(f"| {r['shots']} | {r['ensemble']} | {r['embedding_type']} | {r['mIoU']:.1f} | {paper} |")

@@ -88,7 +88,8 @@ def write_pascal_miniature(root: str | os.PathLike, splits: str | os.PathLike, *
             _write(os.path.join(voc, "SegmentationClassAug", name + ".png"), _bytes(mask, "PNG", "L"))
             lines[(label - 1) // 5].append(f"{name}__{label:02d}")
     for fold, entries in lines.items():
-        _write(os.path.join(os.fspath(splits), "pascal", "val", f"fold{fold}.txt"), ("\n".join(entries) + "\n").encode())
+        text = "\n".join(entries) + "\n"
+        _write(os.path.join(os.fspath(splits), "pascal", "val", f"fold{fold}.txt"), text.encode())
     return _checksums(os.fspath(splits), [f"pascal/val/fold{f}.txt" for f in range(4)])
 
 

@@ -156,6 +156,14 @@ def test_video_command_with_a_palette_mask(hf_tiny, tmp_path, capsys):
             assert picture.mode == "P" and picture.getpalette()[:9] == davis_palette()[:9]
             assert set(np.unique(np.asarray(picture))) <= {0, 1, 2}
     assert (out / "overlay.gif").is_file()
+    # the same clip through `evaluate --protocol davis` (one scored frame: the middle one)
+    report = tmp_path / "davis.json"
+    assert main(["evaluate", davis, "--protocol", "davis", "--context-frames", "1", "--model", model,
+                 "-o", str(report)]) == 0
+    assert capsys.readouterr().out.startswith("davis: J&F ")
+    result = json.loads(report.read_text())
+    assert result["frames_scored"] == 1 and result["objects"] == 2 and 0 <= result["J&F-Mean"] <= 1
+    assert result["settings"]["context_frames"] == 1 and set(result["per_object"]) == {"clip_1", "clip_2"}
 
 
 # ------------------------------------------------------------------------------------ bad samples
@@ -198,16 +206,17 @@ def test_paper_tables_end_to_end_on_miniatures(hf_tiny, tmp_path, monkeypatch, c
     monkeypatch.setattr(split_lists, "HSNET_SHA256", sums)  # generated lists stand in for HSNet's
     out = tmp_path / "results"
     argv = ["--fss", os.path.dirname(fss), "--pascal", str(tmp_path / "pascal"), "--coco", str(tmp_path / "coco"),
-            "--splits", str(splits), "--davis", davis, "--model", model, "--batch-size", "8", "--out-dir", str(out),
-            "--fss-split", "all", "--episodes-per-fold", "3", "--davis-context", "1,8"]
+            "--splits", str(splits), "--davis", davis, "--model", model, "--batch-size", "1", "--out-dir", str(out),
+            "--fss-split", "all", "--episodes-per-fold", "2", "--davis-context", "1,8", "--few-shot", "2",
+            "--fss-few-shot", "2"]  # few programs to compile: 1, 2 or 3 prompts, one query a forward
     result = paper_tables.run(argv)
     runs = result["few_shot"]
-    # FSS-1000: 1-shot, 4-shot feature, 4-shot spatial; PASCAL and COCO: 4 folds x (1, 5)-shot; each instance and
+    # FSS-1000: 1-shot, 2-shot feature, 2-shot spatial; PASCAL and COCO: 4 folds x (1, 2)-shot; each instance and
     # semantic
     assert len(runs) == 2 * (3 + 2 * 4 * 2)
     assert {(r["protocol"], r["fold"], r["shots"], r["ensemble"]) for r in runs if r["protocol"] != "fss1000"} == \
-        {(p, f, s, "original") for p in ("pascal5i", "coco20i") for f in range(4) for s in (1, 5)}
-    assert all(0 <= r["mIoU"] <= 100 and r["report"]["episodes"] == (20 if r["protocol"] == "fss1000" else 3)
+        {(p, f, s, "original") for p in ("pascal5i", "coco20i") for f in range(4) for s in (1, 2)}
+    assert all(0 <= r["mIoU"] <= 100 and r["report"]["episodes"] == (20 if r["protocol"] == "fss1000" else 2)
                for r in runs)
     pascal = next(r for r in runs if r["protocol"] == "pascal5i" and r["fold"] == 2)
     assert pascal["report"]["settings"]["absent_classes"] == "zero" and pascal["report"]["classes"] == 5

@@ -256,8 +256,8 @@ def _few_shot_settings(args: argparse.Namespace):
         if args.fold > 3:
             raise UserError(f"--fold {args.fold}: {args.protocol} has folds 0..3")
         if args.sampling == "hsnet" and args.splits is None:
-            raise UserError(f"--protocol {args.protocol} with HSNet's episodes needs --splits DIR, a checkout of HSNet's "
-                            "data/splits folder (github.com/juhongm999/hsnet); or use --sampling all-pairs")
+            raise UserError(f"--protocol {args.protocol} with HSNet's episodes needs --splits DIR, a checkout of "
+                            "HSNet's data/splits folder (github.com/juhongm999/hsnet); or use --sampling all-pairs")
         if args.sampling == "all-pairs":
             from ..data import FolderDataset
 

@@ -222,7 +222,8 @@ class CocoBenchmark(_ClassIdBenchmark):
 
     def _paths(self, name: str) -> tuple[str, str]:
         stem = name[:name.index(".jpg")] if ".jpg" in name else os.path.splitext(name)[0]
-        return os.path.join(self.root, *name.split("/")), os.path.join(self.root, "annotations", *(stem + ".png").split("/"))
+        mask = os.path.join(self.root, "annotations", *(stem + ".png").split("/"))
+        return os.path.join(self.root, *name.split("/")), mask
 
     def hsnet_episodes(self, shots: int, seed: int = 0, count: int = HSNET_EPISODES) -> list[Episode]:
         """HSNet's episodes (``count`` < 1000: the first of them, a quick check that is not the protocol)."""
