@@ -93,14 +93,16 @@ def test_tune_prompt_then_segment_and_evaluate_with_it(hf_tiny, data, tmp_path, 
 def test_evaluate_fss_and_fold_protocols(hf_tiny, data, tmp_path, capsys):
     _, model = hf_tiny("nonsquare")
     report = tmp_path / "fss.json"
-    assert main(["evaluate", data["fss"], "--protocol", "fss1000", "--model", model, "--output",
-                 str(report)]) == 0
+    assert main(["evaluate", data["fss"], "--protocol", "fss1000", "--fss-split", "all", "--sampling", "all-pairs",
+                 "--model", model, "--output", str(report)]) == 0
     printed = capsys.readouterr()
     assert printed.out.startswith("fss1000: mIoU") and "evaluate" in printed.err
     result = json.loads(report.read_text())
     assert result["episodes"] == 8 and set(result["class_IoU"]) == {"red", "blue"}
     assert main(["evaluate", data["folder"], "--protocol", "coco20i", "--model", model]) == 1
+    assert "needs --splits DIR" in capsys.readouterr().err
+    assert main(["evaluate", data["folder"], "--protocol", "coco20i", "--sampling", "all-pairs", "--model", model]) == 1
     assert "needs class-id masks: pass --num-labels" in capsys.readouterr().err
-    assert main(["evaluate", data["folder"], "--protocol", "coco20i", "--fold", "1", "--num-labels", "80",
-                 "--model", model]) == 1
+    assert main(["evaluate", data["folder"], "--protocol", "coco20i", "--sampling", "all-pairs", "--fold", "1",
+                 "--num-labels", "80", "--model", model]) == 1
     assert "no episodes" in capsys.readouterr().err

@@ -496,3 +496,28 @@ def test_every_output_is_recorded_before_it_appears(tmp_path):
     (name, records), = seen
     assert name == "a.txt" and records and records[-1].size == 4
     assert folder.owns("a.txt")
+
+
+def test_ctrl_c_inside_jits_static_argument_comparison_is_an_interrupt(monkeypatch, capsys):
+    """JAX turns a KeyboardInterrupt raised while it compares static arguments into a ValueError holding the
+    interrupt's traceback as text; the command line still reports it as Ctrl-C (130), not as an error."""
+    import jax
+
+    from seggpt_jax.cli import segment
+
+    class Interrupting:
+        def __eq__(self, other):
+            raise KeyboardInterrupt
+
+        def __hash__(self):
+            return 1
+
+    jitted = jax.jit(lambda flag, x: x, static_argnums=0)
+    jitted(Interrupting(), 1.0)
+
+    def run(args):
+        return jitted(Interrupting(), 1.0)
+
+    monkeypatch.setattr(segment, "run_segment", run)
+    parser_run = main(["segment", "x.jpg", "--prompt-image", "p", "--prompt-mask", "m", "--out-dir", "o"])
+    assert parser_run == 130 and "interrupted" in capsys.readouterr().err

@@ -17,6 +17,8 @@ for info in pkgutil.walk_packages(seggpt_jax.__path__, "seggpt_jax."):
     importlib.import_module(info.name)
 from seggpt_jax.cli.main import build_parser
 build_parser()
+from seggpt_jax.data import fss1000_classes
+assert len(fss1000_classes("test")) == 240  # package data read from the installed wheel
 loaded = sorted(name for name in sys.modules if name.split(".")[0] in ("torch", "transformers"))
 print("LOADED", loaded)
 """
@@ -31,6 +33,7 @@ def test_wheel_contents_and_imports(tmp_path):
     top = {name.split("/")[0] for name in names}
     assert {t for t in top if not t.endswith(".dist-info")} == {"seggpt_jax"}, top  # no tests, testing, examples
     assert "seggpt_jax/nn/flash_attention.py" in names and "seggpt_jax/imaging/masks.py" in names
+    assert {f"seggpt_jax/data/class_lists/fss1000_{s}.txt" for s in ("test", "val", "trn")} <= set(names)
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     result = subprocess.run([sys.executable, "-c", IMPORT_EVERYTHING, str(site)], cwd=tmp_path, capture_output=True,

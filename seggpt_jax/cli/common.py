@@ -332,13 +332,16 @@ def compile_ahead(args: argparse.Namespace, *, queries: int, prompts: int) -> Ca
     return wait
 
 
-def make_segmenter(args: argparse.Namespace, model=None):
+def make_segmenter(args: argparse.Namespace, model=None, *, ensemble_mode: str | None = None):
+    """The Segmenter of a command: ``--model`` loaded (or ``model``), with the command's batch size, cache,
+    pixel limit and ensemble mode (``ensemble_mode`` when the command decides it, else ``--ensemble-mode``)."""
     from ..inference.segmenter import Segmenter
 
     model = model if model is not None else load_model(args)
     extra = {"max_pixels": args.max_pixels} if hasattr(args, "max_pixels") else {}
+    mode = ensemble_mode or getattr(args, "ensemble_mode", None) or "transformers"
     return Segmenter(model, batch_size=getattr(args, "batch_size", None), compilation_cache=args.compilation_cache,
-                     ensemble_mode=getattr(args, "ensemble_mode", "transformers"), **extra)
+                     ensemble_mode=mode, **extra)
 
 
 # ------------------------------------------------------------------------------------ output

@@ -48,6 +48,13 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+def _is_interrupt(error: BaseException) -> bool:
+    """Ctrl-C that JAX turned into another error: a KeyboardInterrupt raised while jit compared its static
+    arguments comes back as a ``ValueError`` holding the interrupt's traceback as text."""
+    return isinstance(error, ValueError) and str(error).startswith("static arguments should be comparable") \
+        and "KeyboardInterrupt" in str(error)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit status. Work left on threads (a compilation started ahead) is
     waited for before returning, so that the process can always exit cleanly."""
@@ -78,6 +85,8 @@ def _run(argv: list[str] | None) -> int:
                   file=sys.stderr)
             return EXIT_ERROR
         except (UserError, InputError, DataError, CheckpointError, ConfigError, ValueError, OSError) as e:
+            if _is_interrupt(e):
+                raise KeyboardInterrupt from None
             if os.environ.get("SEGGPT_JAX_DEBUG"):
                 raise
             print(f"seggpt-jax {command}: error: {_one_line(e)}", file=sys.stderr)

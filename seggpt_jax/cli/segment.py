@@ -61,9 +61,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         description="Segment every frame of CLIP (a folder of frames, an animated GIF/WebP/APNG, or a video file "
                     "with the video extra) from the prompt plus the last K predicted frames as extra prompts, as "
                     "the BAAI code does. Frames are read, segmented and written one at a time: memory does not grow "
-                    "with the clip, and every frame runs one compiled program. Writes frames/NAME_mask.png per frame "
-                    "(NAME: the frame's file name, or its number in a video file) and an overlay animation. A rerun "
-                    "into the same --out-dir writes only what is missing.")
+                    "with the clip, and every frame runs one compiled program. A palette PNG as --prompt-mask (as "
+                    "DAVIS annotations) holds objects: each is segmented as its own binary prompt and the objects are "
+                    "merged per pixel by score. Writes frames/NAME_mask.png per frame (NAME: the frame's file name, or "
+                    "its number in a video file; 0/255, or the objects' ids in the prompt mask's palette) and an "
+                    "overlay animation. A rerun into the same --out-dir writes only what is missing.")
     video.add_argument("clip", metavar="CLIP", help="folder of frames, animated GIF/WebP/APNG, or video file")
     group = video.add_argument_group("prompt")
     group.add_argument("--prompt-mask", required=True, metavar="MASK", help="the mask of the prompt image")
@@ -365,6 +367,7 @@ def run_video(args: argparse.Namespace) -> int:
     from ..imaging.media import GifWriter, Mp4Writer, frame_names, frame_rate, iter_frames, mask_image, overlay
     from ..inference.prompts import Prompt
     from ..inference.segmenter import InputFailure
+    from ..inference.video import object_ids
 
     common.check_output_folder(args.out_dir)
     common.check_compilation_cache(args)
@@ -372,7 +375,10 @@ def run_video(args: argparse.Namespace) -> int:
     if overlay_kind == "mp4" and not _has_av():
         raise UserError("--overlay mp4 needs the optional video extra: pip install 'seggpt-jax[video]' (or use "
                         "--overlay gif)")
-    prompt_picture(args.prompt_mask, None, what=f"prompt mask {args.prompt_mask}")  # before anything loads
+    objects = object_ids(args.prompt_mask)  # a palette mask: its objects, each segmented and merged by score
+    # readable (and, for a binary mask, sensible) before anything loads
+    prompt_picture(args.prompt_mask, None, what=f"prompt mask {args.prompt_mask}", warn=not objects)
+    write_mask = _object_mask_writer(args.prompt_mask) if objects else (lambda mask: mask_image(mask, None))
     names = frame_names(args.clip)  # a folder's frames: their file names, checked for clashes now
     if names is not None:
         output_names(names, ("_mask.png",))
@@ -385,7 +391,7 @@ def run_video(args: argparse.Namespace) -> int:
     if args.prompt_image:
         open_image(args.prompt_image)
     fps = args.fps or frame_rate(args.clip) or 10.0
-    job = job_key(args, command="video", prompt=_digest(args.prompt_mask),
+    job = job_key(args, command="video", prompt=_digest(args.prompt_mask), objects=objects,
                   prompt_image=_digest(args.prompt_image) if args.prompt_image else "first frame",
                   context=args.context_frames, ensemble_mode=args.ensemble_mode)
     folder = OutputFolder(args.out_dir, overwrite=args.overwrite, job=job)
@@ -420,7 +426,7 @@ def run_video(args: argparse.Namespace) -> int:
                 source = clip_stamp or file_stamp(os.path.join(args.clip, name))
                 try:
                     if masks_folder.status(output, source) != OURS or args.overwrite:
-                        picture = mask_image(result.mask, None)
+                        picture = write_mask(result.mask)
                         masks_folder.write(output, lambda tmp: picture.save(tmp, format="PNG"), source=source)
                         written += 1
                 except OutputConflict as e:
@@ -433,11 +439,28 @@ def run_video(args: argparse.Namespace) -> int:
             bar.close()
     seconds = time.perf_counter() - start
     kept = count - written
-    print(f"segmented {count} frames (context {args.context_frames}) in {seconds:.1f}s; wrote "
+    what = f", {plural(len(objects), 'object')}" if objects else ""
+    print(f"segmented {count} frames (context {args.context_frames}{what}) in {seconds:.1f}s; wrote "
           f"{plural(written, 'mask')} to {masks_folder.path}" + (f" ({kept} already there from an earlier run)"
                                                                  if kept else "")
           + (f" and {os.path.join(args.out_dir, animation)}" if animation and count else ""))
     return report_failures(failures, "frame")
+
+
+def _object_mask_writer(prompt_mask: str):
+    """Object-id masks as palette PNGs with the prompt mask's own palette (DAVIS results read as its
+    annotations do)."""
+    from PIL import Image
+
+    with Image.open(prompt_mask) as image:
+        palette = image.getpalette() or []
+
+    def picture(mask) -> Image.Image:
+        out = Image.fromarray(mask.astype("uint8"), mode="P")
+        out.putpalette(palette + [0] * (768 - len(palette)))
+        return out
+
+    return picture
 
 
 def _chain(first: tuple[str, Any], rest: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:

@@ -88,20 +88,58 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     evaluate = sub.add_parser(
         "evaluate", formatter_class=common.HelpFormatter,
-        help="IoU, mIoU and FB-IoU on a dataset (FSS-1000, COCO-20i/PASCAL-5i folds, or a folder)",
-        description="Evaluate with a protocol: fss1000 (one-shot episodes in each class folder), coco20i / pascal5i "
-                    "(episodes over the classes of --fold in a folder of class-id masks), or folder (every image with "
-                    "the given prompts; confusion-matrix mIoU). Prints the metrics; -o writes a JSON report.")
+        help="few-shot mIoU (FSS-1000, PASCAL-5i, COCO-20i), DAVIS-2017 J&F, or a folder's mIoU",
+        description="Evaluate with a protocol. fss1000 / pascal5i / coco20i: HSNet's standard few-shot episodes "
+                    "(--sampling hsnet, seed 0) in HSNet's layouts (DATA holds FSS-1000/<class>/<n>.jpg|png, "
+                    "VOC2012/JPEGImages + VOC2012/SegmentationClassAug, or COCO2014/<split>/*.jpg + "
+                    "COCO2014/annotations/<split>/*.png), with HSNet's split lists for PASCAL and COCO (--splits); "
+                    "or every (image, class) pair (--sampling all-pairs; PASCAL/COCO then read DATA/images + "
+                    "DATA/masks with --num-labels). davis: DAVIS-2017 semi-supervised J&F (DATA holds JPEGImages/480p, "
+                    "Annotations/480p, ImageSets/2017/val.txt). folder: every image with the given prompts. Bad "
+                    "samples never stop a run: each is named in the summary (exit status 1 if any episode had to be "
+                    "left out). Prints the metrics; -o writes a JSON report with every setting.")
     common.add_data_options(evaluate)
     protocol = evaluate.add_argument_group("protocol")
-    protocol.add_argument("--protocol", choices=["fss1000", "coco20i", "pascal5i", "folder"], required=True,
+    protocol.add_argument("--protocol", choices=["fss1000", "pascal5i", "coco20i", "davis", "folder"], required=True,
                           help="the evaluation protocol")
-    protocol.add_argument("--fold", type=common.non_negative_int, default=0, help="coco20i/pascal5i fold (0..3)")
+    protocol.add_argument("--sampling", choices=["hsnet", "all-pairs"], default="hsnet",
+                          help="few-shot episodes: HSNet's (the standard protocol, comparable with papers) or every "
+                               "(image, class) pair with random supports")
+    protocol.add_argument("--fss-split", choices=["test", "val", "trn", "all"], default="test",
+                          help="fss1000: the classes evaluated (test: the 240 official test classes; all: every "
+                               "class folder in DATA)")
+    protocol.add_argument("--splits", metavar="DIR",
+                          help="pascal5i/coco20i with HSNet's sampling: a checkout of HSNet's data/splits folder "
+                               "(github.com/juhongm999/hsnet; its files are checked by sha256)")
+    protocol.add_argument("--fold", type=common.non_negative_int, default=0, help="pascal5i/coco20i fold (0..3)")
     protocol.add_argument("--shots", type=common.positive_int, default=1, help="prompts per episode")
-    protocol.add_argument("--episodes", type=common.positive_int, default=None, help="at most this many episodes")
+    protocol.add_argument("--episodes", type=common.positive_int, default=None,
+                          help="all-pairs sampling: a seeded random subset of this many episodes (HSNet's protocol "
+                               "fixes its episodes)")
     protocol.add_argument("--seed", type=int, default=0, help="seed of the episode sampling")
-    protocol.add_argument("--ensemble-mode", choices=["transformers", "original"], default="transformers",
-                          help="how several prompts are combined")
+    protocol.add_argument("--on-bad-sample", choices=["resize", "skip", "fail"], default="resize",
+                          help="a mask of the wrong size or a defective mask: use it as HSNet does (resize the mask "
+                               "to its image; threshold it at grey 128), skip its episodes, or stop before the run")
+    protocol.add_argument("--list-episodes", action="store_true",
+                          help="print the episodes (query, supports, class) as JSON lines and stop: no model is "
+                               "loaded")
+    how = evaluate.add_argument_group("prediction and scoring")
+    how.add_argument("--ensemble-mode", choices=["original", "transformers", "spatial"], default=None,
+                     help="several prompts: BAAI's feature ensemble (original, default), transformers', or the "
+                          "spatial ensemble (the prompts tiled into one prompt, the paper's Table 4a)")
+    how.add_argument("--embedding-type", choices=["instance", "semantic"], default="instance",
+                     help="the model's task embedding")
+    how.add_argument("--threshold", type=float, default=None, metavar="T",
+                     help="foreground where the painted brightness (0..1) is above T (default: the nearest of "
+                          "black and white, i.e. T = 0.5)")
+    how.add_argument("--absent-classes", choices=["zero", "skip"], default=None,
+                     help="a class of the fold no episode scored counts 0 in the mIoU (zero, HSNet's convention; "
+                          "default with --sampling hsnet) or is left out (skip; default otherwise)")
+    how.add_argument("--eval-size", type=common.positive_int, default=None, metavar="N",
+                     help="score at NxN (prediction and mask resized, nearest), as HSNet does with 400 (default: "
+                          "each query's own size)")
+    how.add_argument("--context-frames", type=common.non_negative_int, default=8, metavar="K",
+                     help="davis: previous frames (with their predicted masks) that join the first frame's prompt")
     evaluate.add_argument("-o", "--output", default=None, metavar="FILE",
                           help="JSON report (default: the metrics are printed only)")
     common.add_overwrite_option(evaluate)
@@ -169,7 +207,7 @@ def _check_trainable(args: argparse.Namespace, config) -> None:
         raise UserError(f"--trainable: {e}") from None
 
 
-def _run_folder(args: argparse.Namespace, config):
+def _finetune_folder(args: argparse.Namespace, config):
     """The run's output folder, checked before any work: no file of the run's names that is someone
     else's; an earlier run's only with --resume (continued) or --overwrite (removed)."""
     from ..files import FOREIGN, OutputFolder
@@ -213,7 +251,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from None
     if not args.resume:
         _check_trainable(args, config)
-    folder = _run_folder(args, config)
+    folder = _finetune_folder(args, config)
     dataset = _dataset(args)  # every data problem is reported before any training starts
     if args.compilation_cache:
         _enable_cache(args)
@@ -280,47 +318,154 @@ def run_tune_prompt(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_evaluate(args: argparse.Namespace) -> int:
-    from ..data import class_episodes, fold_classes, sample_episodes
-    from ..eval.protocols import evaluate_episodes, evaluate_folder
-    from .segment import checked_prompts
+def _few_shot_settings(args: argparse.Namespace):
+    """The run's settings from the options, every combination checked before anything is read."""
+    from ..eval.protocols import FewShotSettings
 
-    folder = common.output_file(args.output, "--output", overwrite=args.overwrite) if args.output else None
-    common.check_compilation_cache(args)
-    if args.protocol in ("coco20i", "pascal5i"):
-        if args.num_labels is None:
-            raise UserError(f"--protocol {args.protocol} needs class-id masks: pass --num-labels")
-        try:
-            classes = fold_classes(args.protocol, args.fold)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-    prompts = checked_prompts(args, common.colour_map(args))[0] if args.protocol == "folder" else None
-    dataset = _dataset(args)
-    segmenter = common.make_segmenter(args)
-    bar = common.progress_bar(None, "episode", "evaluate")
+    if args.threshold is not None and not 0 <= args.threshold <= 1:
+        raise UserError(f"--threshold {args.threshold}: must be in [0, 1] (painted brightness)")
+    if args.sampling == "hsnet" and args.episodes is not None:
+        raise UserError("--episodes takes a random subset of all-pairs episodes; HSNet's protocol fixes its episodes "
+                        "(FSS-1000: every image of the split; PASCAL-5i/COCO-20i: 1000 per fold). Use --sampling "
+                        "all-pairs for a subset")
+    if args.protocol == "fss1000" and args.num_labels is not None:
+        raise UserError("FSS-1000 masks are binary; drop --num-labels")
+    folder = None
+    if args.protocol in ("pascal5i", "coco20i"):
+        if args.fold > 3:
+            raise UserError(f"--fold {args.fold}: {args.protocol} has folds 0..3")
+        if args.sampling == "hsnet" and args.splits is None:
+            raise UserError(f"--protocol {args.protocol} with HSNet's episodes needs --splits DIR, a checkout of "
+                            "HSNet's data/splits folder (github.com/juhongm999/hsnet); or use --sampling all-pairs")
+        if args.sampling == "all-pairs":
+            from ..data import FolderDataset
+
+            if args.num_labels is None:
+                raise UserError(f"--protocol {args.protocol} --sampling all-pairs needs class-id masks: pass "
+                                "--num-labels")
+            ignore = args.ignore_index if args.ignore_index is not None else "auto"
+            folder = FolderDataset(args.data, num_labels=args.num_labels, ignore_index=ignore,
+                                   colour_map=common.colour_map(args))
+    try:
+        return FewShotSettings(args.protocol, args.data, shots=args.shots, fold=args.fold, sampling=args.sampling,
+                               fss_split=args.fss_split, splits=args.splits, episodes=args.episodes, seed=args.seed,
+                               on_bad_sample=args.on_bad_sample, ensemble=args.ensemble_mode,
+                               embedding_type=args.embedding_type, threshold=args.threshold,
+                               absent_classes=args.absent_classes, eval_size=args.eval_size, folder_dataset=folder)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _progress(desc: str, unit: str):
+    bar = common.progress_bar(None, unit, desc)
 
     def progress(done: int, total: int | None) -> None:
         bar.total = total
         bar.update(done - bar.n)
 
+    return bar, progress
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    folder = common.output_file(args.output, "--output", overwrite=args.overwrite) if args.output else None
+
+    def write_json(report: dict) -> None:
+        if folder is not None:
+            folder.write_json(os.path.basename(args.output), report, replace=True)
+
+    common.check_compilation_cache(args)
+    if args.list_episodes and args.protocol in ("davis", "folder"):
+        raise UserError(f"--list-episodes lists few-shot episodes; --protocol {args.protocol} has none")
+    if args.protocol == "davis":
+        return _run_davis(args, write_json)
+    if args.protocol == "folder":
+        return _run_folder(args, write_json)
+    from ..data import describe_episode
+    from ..eval.protocols import prepare_few_shot, run_few_shot
+
+    settings = _few_shot_settings(args)
+    status(f"drawing the episodes and checking their files in {args.data} ...")
+    prepared = prepare_few_shot(settings)
+    lines = prepared.screened.summary()
+    if args.list_episodes:
+        for episode in prepared.episodes:
+            print(json.dumps(describe_episode(prepared.dataset, episode)))
+        for line in lines:
+            status(f"bad sample: {line}")
+        return 0
+    ensemble = settings.ensemble or "original"
+    # spatial: one (tiled) prompt per query, so the feature ensemble never runs
+    segmenter = common.make_segmenter(args, ensemble_mode="original" if ensemble == "spatial" else ensemble)
+    bar, progress = _progress("evaluate", "episode")
     try:
-        if args.protocol == "fss1000":
-            episodes = sample_episodes(dataset, shots=args.shots, seed=args.seed)[: args.episodes]
-            report = evaluate_episodes(segmenter, dataset, episodes, progress=progress)
-        elif args.protocol in ("coco20i", "pascal5i"):
-            episodes = class_episodes(dataset, classes, shots=args.shots, seed=args.seed, max_episodes=args.episodes)
-            if not episodes:
-                raise UserError(f"no episodes: no image of {args.data} holds a class of fold {args.fold} together "
-                                f"with {args.shots} other images of it")
-            report = evaluate_episodes(segmenter, dataset, episodes, progress=progress)
-        else:
-            report = evaluate_folder(segmenter, dataset, prompts, num_labels=args.num_labels, progress=progress)
+        report = run_few_shot(segmenter, prepared, progress=progress)
     finally:
         bar.close()
-    report.update(protocol=args.protocol, data=args.data, model=args.model, shots=args.shots, fold=args.fold)
-    print(f"{args.protocol}: mIoU {report['mIoU']:.4f}  FB-IoU {report['FB-IoU']:.4f}  "
-          f"({report.get('episodes', report.get('images'))} {'episodes' if 'episodes' in report else 'images'}, "
+    report.update(data=args.data, model=args.model)
+    combined = f", {ensemble} ensemble" if args.shots > 1 else ""
+    print(f"{args.protocol}: mIoU {report['mIoU']:.4f}  FB-IoU {report['FB-IoU']:.4f}  ({report['episodes']} episodes, "
+          f"{report['classes']} classes, {args.shots}-shot{combined}, {report['seconds']}s)")
+    write_json(report)
+    return _report_bad_samples(report)
+
+
+def _report_bad_samples(report: dict) -> int:
+    """The bad samples, each once by name, and what was done; exit status 1 if episodes were left out."""
+    bad = report.get("bad_samples", [])
+    if bad:
+        print(f"{common.plural(len(bad), 'bad sample')} ({report['skipped_episodes']} episodes left out):")
+        for entry in bad:
+            problem = entry["problem"] if entry["file"] in entry["problem"] else f"{entry['file']}: {entry['problem']}"
+            print(f"  {problem} ({entry['action']})")
+    return 1 if report.get("skipped_episodes") else 0
+
+
+def _run_davis(args: argparse.Namespace, write_json) -> int:
+    from ..eval.davis import DavisDataset, evaluate_davis
+
+    dataset = DavisDataset(args.data)
+    ensemble = args.ensemble_mode or "original"
+    if ensemble == "spatial":
+        raise UserError("--protocol davis combines the first frame and its context frames with a feature ensemble: "
+                        "use --ensemble-mode original or transformers")
+    segmenter = common.make_segmenter(args, ensemble_mode=ensemble)
+    bar, progress = _progress("davis", "sequence")
+    try:
+        report = evaluate_davis(segmenter, dataset, context_frames=args.context_frames,
+                                ensemble_mode=ensemble, embedding_type=args.embedding_type,
+                                progress=progress)
+    finally:
+        bar.close()
+    report.update(data=args.data, model=args.model)
+    print(f"davis: J&F {report['J&F-Mean']:.4f}  J {report['J-Mean']:.4f}  F {report['F-Mean']:.4f}  "
+          f"({report['sequences']} sequences, {report['objects']} objects, context {args.context_frames}, "
           f"{report['seconds']}s)")
-    if folder is not None:
-        folder.write_json(os.path.basename(args.output), report, replace=True)
+    write_json(report)
+    failed = report["failed_sequences"]
+    if failed:
+        print(f"{common.plural(len(failed), 'sequence')} failed:")
+        for message in failed.values():
+            print(f"  {message}")
+    return 1 if failed else 0
+
+
+def _run_folder(args: argparse.Namespace, write_json) -> int:
+    from ..eval.protocols import evaluate_folder
+    from .segment import checked_prompts
+
+    prompts, num_labels = checked_prompts(args, common.colour_map(args))
+    dataset = _dataset(args)
+    if args.ensemble_mode == "spatial":
+        raise UserError("--ensemble-mode spatial is for few-shot episodes; --protocol folder uses a feature ensemble "
+                        "(original or transformers)")
+    segmenter = common.make_segmenter(args, ensemble_mode=args.ensemble_mode or "original")
+    bar, progress = _progress("evaluate", "image")
+    try:
+        report = evaluate_folder(segmenter, dataset, prompts, num_labels=num_labels, progress=progress)
+    finally:
+        bar.close()
+    report.update(protocol="folder", data=args.data, model=args.model)
+    print(f"folder: mIoU {report['mIoU']:.4f}  FB-IoU {report['FB-IoU']:.4f}  ({report['images']} images, "
+          f"{report['seconds']}s)")
+    write_json(report)
     return 0

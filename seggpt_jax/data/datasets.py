@@ -25,10 +25,11 @@ import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from PIL import Image
 
 from ..imaging.decode import IMAGE_EXTENSIONS, InputError, open_image, to_rgb_uint8
 from ..imaging.masks import ColourMap, LabelError, binary_picture, class_ids, foreground, labels_to_rgb
-from ..imaging.processor import SegGptImageProcessor
+from ..imaging.processor import SegGptImageProcessor, torch_nearest_index
 
 
 class DataError(ValueError):
@@ -64,23 +65,38 @@ class Dataset:
     def __getitem__(self, index: int) -> Sample:
         return self.samples[index]
 
-    def load(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+    def load(self, sample: Sample, *, fit_mask: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """``(image [H, W, 3] uint8, labels [H, W] int64)``: class ids, or 0/1 for binary masks, with
-        ``ignore_index`` where pixels are skipped; RGB masks (``rgb_masks``) come back as ``[H, W, 3]`` uint8."""
+        ``ignore_index`` where pixels are skipped; RGB masks (``rgb_masks``) come back as ``[H, W, 3]`` uint8.
+
+        ``fit_mask``: a mask whose size differs from its image is resized to it (nearest), as a
+        benchmark run's ``--on-bad-sample resize`` does; otherwise the caller sees both sizes."""
         image = to_rgb_uint8(open_image(sample.image))
+        labels = self.load_mask(sample)
+        if fit_mask and labels.shape[:2] != image.shape[:2]:
+            labels = resize_labels(labels, image.shape[:2])
+        return image, labels
+
+    def load_mask(self, sample: Sample) -> np.ndarray:
+        """The mask alone (no image decoded), as :meth:`load` returns it."""
+        return self.read_mask(sample)[0]
+
+    def read_mask(self, sample: Sample) -> tuple[np.ndarray, list["Problem"]]:
+        """The mask, and the defects of a readable mask that a benchmark repairs the way its reference
+        code reads it (none for a plain dataset, whose mask rule reads every mask)."""
         mask = open_image(sample.mask)
         what = f"mask {sample.mask}"
         if self.rgb_masks:
-            return image, binary_picture(mask, what=what)
+            return binary_picture(mask, what=what), []
         if self.num_labels is not None:
-            return image, class_ids(mask, self.num_labels, colour_map=self.colour_map,
-                                    ignore_index=self.ignore_index, what=what)
+            return class_ids(mask, self.num_labels, colour_map=self.colour_map, ignore_index=self.ignore_index,
+                             what=what), []
         if self.ignore_index is None:
-            return image, foreground(mask, what=what).astype(np.int64)
+            return foreground(mask, what=what).astype(np.int64), []
         levels = binary_picture(mask, what=what).max(axis=-1)  # for binary masks the ignore value is a grey level
         ignored = levels == self.ignore_index
         labels = foreground(np.where(ignored, 0, levels), what=what).astype(np.int64)
-        return image, np.where(ignored, self.ignore_index, labels)
+        return np.where(ignored, self.ignore_index, labels), []
 
     def mask_picture(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A loaded mask as the RGB picture the model paints (binary: white foreground; class ids: the
@@ -89,6 +105,28 @@ class Dataset:
             return labels, np.ones(labels.shape[:2], bool)
         valid = labels != self.ignore_index if self.ignore_index is not None else np.ones(labels.shape, bool)
         return labels_to_rgb(np.where(valid, labels, 0), self.num_labels or 1, what="training mask"), valid
+
+    def inspect(self, sample: Sample) -> list["Problem"]:
+        """Everything wrong with one sample, reading the mask and the image's header only: missing or
+        unreadable files (unusable), a mask of another size than its image (``resize`` fits it), and the
+        repairable defects :meth:`read_mask` finds."""
+        problems = [Problem(path, "missing", None) for path in (sample.image, sample.mask) if not os.path.exists(path)]
+        if problems:
+            return problems
+        size = None
+        try:
+            size = image_size(sample.image)
+        except InputError as e:
+            problems.append(Problem(sample.image, _reason(e, sample.image), None))
+        try:
+            labels, notes = self.read_mask(sample)
+        except InputError as e:
+            return problems + [Problem(sample.mask, _reason(e, sample.mask), None)]
+        problems += notes
+        if size is not None and labels.shape[:2] != size:
+            problems.append(Problem(sample.mask, f"is {labels.shape[1]}x{labels.shape[0]} but its image is "
+                                                 f"{size[1]}x{size[0]}", "resized to its image (nearest)"))
+        return problems
 
     def validate(self, workers: int = 4) -> "Dataset":
         """Decode every image and mask (truncated files fail here, not mid-training) and check them all."""
@@ -122,6 +160,48 @@ class Dataset:
         for i, sample in enumerate(self.samples):
             out.setdefault(sample.group, []).append(i)
         return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One defect of one file: ``repair`` says what ``--on-bad-sample resize`` does about it, ``None``
+    when the file cannot be used at all (its episodes are skipped under every policy)."""
+
+    path: str
+    text: str
+    repair: str | None
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.text}" + (f" ({self.repair})" if self.repair else "")
+
+
+def _reason(error: Exception, path: str) -> str:
+    """An error message without the path it starts with (the problem names the path itself)."""
+    text = " ".join(str(error).split())
+    for prefix in (f"cannot read image {path}: ", f"mask {path} ", f"{path} "):
+        if text.startswith(prefix):
+            return text[len(prefix):]
+    return text.replace(path, "the file")
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """``(height, width)`` of an image file from its header, EXIF orientation applied (as decoding does)."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 degrees when decoded
+                width, height = height, width
+    except FileNotFoundError:
+        raise InputError(f"no such image file: {path}") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise InputError(f"cannot read image {path}: {e}") from None
+    return height, width
+
+
+def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Labels ``[H, W]`` (or ``[H, W, C]``) resized to ``size`` with torch's ``nearest`` rule."""
+    rows, cols = torch_nearest_index(labels.shape[0], size[0]), torch_nearest_index(labels.shape[1], size[1])
+    return labels[rows][:, cols]
 
 
 def _images_in(folder: str) -> dict[str, str]:

@@ -310,8 +310,10 @@ class Segmenter:
     def segment_video(self, frames: Iterable[Any], prompt: Any, *, context_frames: int = 0,
                       ensemble_mode: str = "original", embedding_type: str = "instance",
                       progress: Callable[[int, int | None], None] | None = None,
-                      errors: str = "raise") -> Iterator[SegmentationResult | InputFailure]:
-        """The SegGPT video procedure (``seggpt_engine.inference_video``), one binary result per frame.
+                      errors: str = "raise", objects: Sequence[int] | bool | None = None
+                      ) -> Iterator[SegmentationResult | InputFailure]:
+        """The SegGPT video procedure (``seggpt_engine.inference_video``), one result per frame: binary,
+        or object ids for a palette first-frame mask with several objects (or ``objects=[ids]``).
 
         See :func:`seggpt_jax.inference.video.segment_video`; frames are read and yielded one at a
         time, so memory does not grow with the clip.
@@ -319,7 +321,7 @@ class Segmenter:
         from .video import segment_video
 
         return segment_video(self, frames, prompt, context_frames=context_frames, ensemble_mode=ensemble_mode,
-                             embedding_type=embedding_type, progress=progress, errors=errors)
+                             embedding_type=embedding_type, progress=progress, errors=errors, objects=objects)
 
 
 def compile_forward(config, *, queries: int, prompts: int = 1, batch_size: int | None = None,
