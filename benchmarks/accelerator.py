@@ -2,6 +2,13 @@
 
     python -m benchmarks.accelerator                   # on the GPU or TPU machine; ~30-60 minutes for ViT-L
     python -m benchmarks.accelerator --dry-run --out /tmp/acc   # CPU, tiny config: checks the script itself
+    python -m benchmarks.accelerator --quick           # run this first on a new machine: about a minute
+
+``--quick`` checks forward and gradient parity of every attention implementation against the plain
+path at ``precision="highest"`` on the ViT-L attention shape (1 image, 16 heads, 56 x 28 grid), in
+float32 and bfloat16, then times the ViT-L painter (random weights, ``attention="auto"``) at batch 1
+and 8 in both dtypes, and ends with a one-line verdict. With ``--dry-run`` it uses a small grid and
+the tiny config (CPU: the flash kernel in interpret mode), to check the script itself.
 
 For each attention implementation (plain, chunked, flash, widened) and compute dtype (float32 at
 ``precision="highest"``, bfloat16 at the default precision) it measures images/s and peak device
@@ -200,6 +207,111 @@ def write_checkpoint(folder: str, config_kwargs: dict | None) -> tuple[str, bool
     return path, True
 
 
+# ------------------------------------------------------------------------------------------ --quick
+#: Parity bounds of --quick (max abs error relative to max |plain|, forward and every gradient): float32
+#: at precision="highest" must hold the 1e-4 parity with transformers; bfloat16 about two roundings.
+QUICK_BOUNDS = {"float32": 1e-4, "bfloat16": 2e-2}
+
+
+def quick_parity(dtype_name: str, small: bool) -> dict[str, dict]:
+    """Forward and gradient of each implementation against plain, on the ViT-L attention shape."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from seggpt_jax.nn.attention import attention, resolve_impl
+
+    dtype = jnp.dtype(dtype_name)
+    grid, heads, dim = ((8, 4), 2, 16) if small else ((56, 28), 16, 64)
+    keys = jax.random.split(jax.random.key(0), 6)
+    shape = (1, grid[0] * grid[1], heads, dim)
+    q, k, v = (jax.random.normal(keys[i], shape).astype(dtype) for i in range(3))
+    tables = tuple(0.5 * jax.random.normal(key, (2 * n - 1, dim)).astype(dtype) for key, n in zip(keys[3:5], grid))
+    cotangent = jax.random.normal(keys[5], shape).astype(dtype)
+
+    def run(impl):
+        def f(q, k, v, tables):
+            out = attention(q, k, v, impl=impl, scale=dim ** -0.5, grid=grid, rel_pos=tables, precision="highest")
+            return jnp.sum(out.astype(jnp.float32) * cotangent.astype(jnp.float32)), out
+        (_, out), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True))(q, k, v, tables)
+        return [out, *jax.tree.leaves(grads)]
+
+    def error(a, b):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+    reference = run("plain")
+    results = {}
+    for impl in ("chunked", "flash", "widened"):
+        try:
+            resolve_impl(impl, dtype)
+            ours = run(impl)
+        except Exception as e:  # noqa: BLE001 - e.g. cuDNN in float32, or no cuDNN for this head dim
+            results[impl] = {"skipped": one_line(e)}
+            continue
+        errors = [error(a, b) for a, b in zip(ours, reference, strict=True)]
+        results[impl] = {"forward": errors[0], "gradients": max(errors[1:]),
+                         "ok": max(errors) <= QUICK_BOUNDS[dtype_name]}
+    return results
+
+
+def quick_speed(dtype_name: str, batches: list[int], small: bool) -> dict[str, dict]:
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from seggpt_jax import SegGptConfig, SegGptForImageSegmentation
+
+    config = SegGptConfig.from_dict(DRY_RUN_CONFIG) if small else SegGptConfig.vit_large()
+    model = SegGptForImageSegmentation(config, dtype=jnp.dtype(dtype_name), rngs=nnx.Rngs(0))
+    results = {}
+    for batch in batches:
+        inputs = make_inputs(config.query_size, batch)
+        run = lambda: model(**inputs).pred_masks.block_until_ready()  # noqa: E731
+        try:
+            first = timed(run, 1)[0]
+            median = statistics.median(timed(run, 3))
+        except Exception as e:  # noqa: BLE001 - out of memory on a small device
+            results[f"batch{batch}"] = {"error": one_line(e)}
+            continue
+        results[f"batch{batch}"] = {"images_per_s": batch / median, "median_s": median, "first_call_s": first}
+    return results
+
+
+def quick(dry_run: bool) -> int:
+    import jax
+
+    device = jax.devices()[0]
+    print(f"device: {device.device_kind} (JAX backend {jax.default_backend()}, jax {jax.__version__})"
+          + (" -- DRY RUN: small shapes, not a measurement" if dry_run else ""), flush=True)
+    failures = []
+    for dtype in DTYPES:
+        for impl, r in quick_parity(dtype, dry_run).items():
+            if "skipped" in r:
+                print(f"  parity {impl:8s} {dtype:9s} skipped: {r['skipped']}")
+                continue
+            print(f"  parity {impl:8s} {dtype:9s} forward {r['forward']:.1e}  gradients {r['gradients']:.1e}  "
+                  f"{'ok' if r['ok'] else 'OVER ' + format(QUICK_BOUNDS[dtype], '.0e')}", flush=True)
+            if not r["ok"]:
+                failures.append(f"{impl} {dtype}")
+    speeds = {}
+    for dtype in DTYPES:
+        for batch, r in quick_speed(dtype, [1, 8], dry_run).items():
+            if "error" in r:
+                print(f"  speed  {dtype:9s} {batch}: {r['error']}")
+                failures.append(f"speed {dtype} {batch}")
+                continue
+            speeds[(dtype, batch)] = r["images_per_s"]
+            print(f"  speed  {dtype:9s} {batch}: {r['images_per_s']:.2f} img/s (first call {r['first_call_s']:.1f} s)",
+                  flush=True)
+    best = max(speeds.items(), key=lambda item: item[1], default=None)
+    fastest = f"; fastest {best[1]:.2f} img/s ({best[0][0]}, {best[0][1]})" if best else ""
+    if failures:
+        print(f"VERDICT: FAIL on {device.device_kind}: {', '.join(failures)}{fastest}")
+        return 1
+    print(f"VERDICT: OK on {device.device_kind}: every implementation within parity bounds{fastest}")
+    return 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(HERE, "results"), help="folder for the .json and .md results")
@@ -210,12 +322,16 @@ def main() -> None:
     parser.add_argument("--no-torch-compile", action="store_true", help="skip torch.compile (slow first calls)")
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny config on CPU, batches 1 and 2, one repeat: checks the script, measures nothing")
+    parser.add_argument("--quick", action="store_true",
+                        help="parity of every attention implementation, then img/s at batch 1 and 8, and a verdict")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(WORKERS[args.worker](json.loads(args.spec))))
         return
+    if args.quick:
+        sys.exit(quick(args.dry_run))
 
     env = dict(os.environ)
     if args.dry_run:

@@ -1,9 +1,11 @@
-"""A pure-JAX model of the flash kernel's algorithm (:mod:`seggpt_jax.nn.flash_attention`), for tests.
+"""A pure-JAX model of the flash kernels' algorithm (:mod:`seggpt_jax.nn.flash_attention`), for tests.
 
-It follows the kernel step for step (online softmax over key blocks, the relative bias expanded per
-block through the kernel's own one-hot matrix, padded keys masked with the kernel's mask value), so a
-test can tell a wrong algorithm from a wrong Pallas lowering. It uses the kernel module's private
-pieces on purpose: it must model exactly what the kernel does.
+It follows the kernels block for block: keys in the bias mode's layout (``"rows"``: each grid row
+padded to a power of two, key blocks of whole rows; ``"onehot"``: the plain token order), an online
+softmax over key blocks (``lax.scan``) with the relative bias of each block gathered from ``rel_h`` and
+``rel_w`` by each key's row and column, padded keys masked with the kernel's mask value. A test can
+then tell a wrong algorithm or layout from a wrong Pallas lowering. It uses the kernel module's
+private pieces on purpose: it must model exactly what the kernels do.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from seggpt_jax.nn.flash_attention import (_CPU_BLOCK, _MASK_VALUE, BlockSizes, _exact_precision, _Kernel,
-                                           _relative_terms, _round_up)
+from seggpt_jax.nn.flash_attention import _next_pow2, _relative_terms, _round_up
+from seggpt_jax.nn.flash_kernels import CPU_BLOCK, MASK_VALUE
 
 
 def attention_flash_reference(
@@ -25,43 +27,46 @@ def attention_flash_reference(
     grid: tuple[int, int],
     rel_pos: tuple[jax.Array, jax.Array] | None,
     precision=None,
-    block_k: int = _CPU_BLOCK,
+    block_k: int = CPU_BLOCK,
+    bias: str = "onehot",
 ) -> jax.Array:
-    """Pure-JAX version of the kernel's algorithm: online softmax over key blocks (``lax.scan``) with the
-    relative bias expanded per block through the one-hot matrix; all queries at once."""
+    """Pure-JAX version of the kernels' forward: online softmax over key blocks of ``block_k`` keys in
+    ``bias``'s key layout; all queries at once. ``q, k, v: [B, N, heads, hd]``."""
     batch, seq, heads, dim = q.shape
     rows, cols = grid
-    padded = _round_up(seq, block_k)
-    spec = _Kernel(seq=seq, padded=padded, grid=(rows, cols), rel_width=0 if rel_pos is None else rows + cols,
-                   blocks=BlockSizes(block_k, block_k), platform="cpu", interpret=True, precision=precision)
-    bh = batch * heads
-    per_head = lambda t: t.transpose(0, 2, 1, 3).reshape(bh, seq, dim)  # noqa: E731  [BH, N, hd]
-    key_blocks = lambda t: jnp.pad(t, ((0, 0), (0, padded - seq), (0, 0))).reshape(  # noqa: E731
-        t.shape[0], padded // block_k, block_k, t.shape[-1]).swapaxes(0, 1)  # [n_blocks, BH | 1, bk, C]
+    row_width = _next_pow2(cols) if bias == "rows" else cols  # keys per (padded) grid row
+    if block_k % row_width and bias == "rows":
+        raise ValueError("key blocks must hold whole rows")
+    k_len = _round_up(rows * row_width, block_k)
+    position = jnp.arange(k_len)
+    key_row, key_col = position // row_width, position % row_width
+    real = (key_row < rows) & (key_col < cols)  # [k_len]
+    token = jnp.where(real, key_row * cols + key_col, 0)  # the key's index in the token order
+
+    per_head = lambda t: t.transpose(0, 2, 1, 3)  # noqa: E731  [B, h, N, hd]
+    blocks = lambda t: jnp.moveaxis(t.reshape(*t.shape[:-2], k_len // block_k, block_k, t.shape[-1]), -3, 0)  # noqa: E731
     q_heads = per_head(q)
-    qs = q_heads * jnp.asarray(scale, q.dtype)  # [BH, N, hd]
-    rel = None if rel_pos is None else _relative_terms(q_heads, grid, rel_pos, precision)  # [BH, N, H + W]
-    xs = [key_blocks(per_head(k)), key_blocks(per_head(v)), jnp.arange(padded // block_k) * block_k]
-    if rel is not None:
-        xs.append(key_blocks(spec.key_onehot(rel.dtype)[None, :seq]))
+    qs = q_heads * jnp.asarray(scale, q.dtype)
+    xs = {"k": blocks(per_head(k)[:, :, token]), "v": blocks(per_head(v)[:, :, token]),
+          "real": real.reshape(-1, block_k), "row": jnp.minimum(key_row, rows - 1).reshape(-1, block_k),
+          "col": jnp.minimum(key_col, cols - 1).reshape(-1, block_k)}
+    rel = None if rel_pos is None else _relative_terms(q_heads, grid, rel_pos, precision)  # [B, h, N, H], [.., W]
 
     def step(carry, x):
-        acc, m, l = carry  # [BH, N, hd], [BH, N, 1] x2
-        k_blk, v_blk, start = x[0], x[1], x[2]
-        s = jnp.einsum("bqd,bkd->bqk", qs, k_blk, precision=precision, preferred_element_type=jnp.float32)
+        acc, m, l = carry  # [B, h, N, hd], [B, h, N, 1] x2
+        s = jnp.einsum("bnqd,bnkd->bnqk", qs, x["k"], precision=precision, preferred_element_type=jnp.float32)
         if rel is not None:
-            s += jnp.einsum("bqr,kr->bqk", rel, x[3][0], precision=_exact_precision(rel.dtype),
-                            preferred_element_type=jnp.float32)
-        s = jnp.where(start + jnp.arange(block_k) < seq, s, _MASK_VALUE)  # [BH, N, bk]
+            s += jnp.take(rel[0], x["row"], axis=-1).astype(jnp.float32)
+            s += jnp.take(rel[1], x["col"], axis=-1).astype(jnp.float32)
+        s = jnp.where(x["real"], s, MASK_VALUE)  # [B, h, N, bk]
         m_next = jnp.maximum(m, s.max(axis=-1, keepdims=True))
         p = jnp.exp(s - m_next)
         alpha = jnp.exp(m - m_next)
-        pv = jnp.einsum("bqk,bkd->bqd", p.astype(v.dtype), v_blk, precision=precision,
+        pv = jnp.einsum("bnqk,bnkd->bnqd", p.astype(v.dtype), x["v"], precision=precision,
                         preferred_element_type=jnp.float32)
         return (alpha * acc + pv, m_next, alpha * l + p.sum(axis=-1, keepdims=True)), None
 
-    init = (jnp.zeros((bh, seq, dim), jnp.float32), jnp.full((bh, seq, 1), -jnp.inf, jnp.float32),
-            jnp.zeros((bh, seq, 1), jnp.float32))
+    init = (jnp.zeros((batch, heads, seq, dim), jnp.float32), jnp.full((batch, heads, seq, 1), -jnp.inf, jnp.float32),
+            jnp.zeros((batch, heads, seq, 1), jnp.float32))
     (acc, _, l), _ = lax.scan(step, init, xs)
-    out = (acc / l).astype(v.dtype)
-    return out.reshape(batch, heads, seq, dim).transpose(0, 2, 1, 3)
+    return per_head((acc / l).astype(v.dtype))

@@ -31,7 +31,10 @@ others (``None``: TF32 in Triton, one bfloat16 pass on the TPU MXU; ``"highest"`
 Triton, full float32 contraction in Mosaic), so float32 keeps its meaning, while the plain path would
 hold ``[B, 16, 1568, 1568]`` float32 logits (157 MB per image and layer) and the chunked one
 serialises ``lax.map`` steps that a GPU runs one small kernel at a time. cuDNN (``"widened"``) refuses
-float32 altogether.
+float32 altogether. On GPU the kernel adds the relative terms with row-aligned key blocks
+(``bias="rows"``: a slice and a broadcast, no matmul), so float32 runs only ``q.k`` and ``p.v`` on
+tensor cores (TF32) at the default precision, with no spills on sm_80 or sm_90a
+(``python -m benchmarks.kernel_resources``); the reasons are in :mod:`seggpt_jax.nn.flash_attention`.
 """
 
 from __future__ import annotations
@@ -40,8 +43,8 @@ import jax
 import jax.numpy as jnp
 
 from .chunked_attention import attention_chunked
-from .flash_attention import attention_flash
 from ..runtime import ATTENTION_IMPLS, PLATFORMS, platform_name  # noqa: F401 (the names live in runtime)
+from .flash_attention import FlashOptions, attention_flash
 from .ops import relative_tables
 
 
@@ -148,17 +151,19 @@ def attention_widened(
 
 
 def attention(q, k, v, *, impl: str, scale: float, grid: tuple[int, int], rel_pos, precision=None,
-              platform: str | None = None) -> jax.Array:
+              platform: str | None = None, flash: FlashOptions | None = None) -> jax.Array:
     """Dispatch to one implementation (``impl`` already resolved for ``platform``, see :func:`resolve_impl`).
     ``q, k, v: [B, N, heads, hd]``; returns ``[B, N, heads, hd]``. ``platform`` (static; default: the
-    default backend) picks the flash kernel's lowering and the widened path's implementation."""
+    default backend) picks the flash kernel's lowering and the widened path's implementation;
+    ``flash`` (default ``FlashOptions()``) the flash kernel's blocks, bias mode, interpret mode, GPU
+    backend and partitioning over the mesh in context."""
     kwargs = dict(scale=scale, grid=grid, rel_pos=rel_pos, precision=precision)
     if impl == "plain":
         return attention_plain(q, k, v, **kwargs)
     if impl == "chunked":
         return attention_chunked(q, k, v, **kwargs)
     if impl == "flash":
-        return attention_flash(q, k, v, platform=backend_of(platform), **kwargs)
+        return attention_flash(q, k, v, platform=backend_of(platform), **(flash or FlashOptions()).kwargs(), **kwargs)
     if impl == "widened":
         return attention_widened(q, k, v, implementation="cudnn" if backend_of(platform) == "gpu" else "xla",
                                  **kwargs)

@@ -8,88 +8,112 @@ Maths (same as :func:`seggpt_jax.nn.attention.attention_plain`): ``q, k, v: [B, 
 (the relative terms use the *unscaled* query, as SAM / ViTDet / transformers' SegGPT), softmax over
 keys in float32, output in ``v``'s dtype.
 
-Decomposition (the idea of segment-anything-fast's fused rel-pos flash kernel, SAM/ViTDet's
-decomposed relative positions): the relative terms per query are small, ``rel_h = q . R_h`` gives one
-value per key *row* and ``rel_w = q . R_w`` one per key *column*. They are computed outside the kernel
-with two einsums and concatenated into ``rel: [B*heads, N, H + W]``. Inside the kernel, for a block of
-keys, ``bias[q, key] = rel_h[q, row(key)] + rel_w[q, col(key)] = rel[q, :] . onehot[key, :]`` where
-``onehot: [N, H + W]`` marks each key's row and column: one small matmul per tile. Nothing ``N x N``
-exists in memory, forward or backward.
+Decomposition (SAM/ViTDet's decomposed relative positions; the fused form is segment-anything-fast's
+idea for SAM): ``rel_h = q . R_h`` gives one value per query and key *row*, ``rel_w = q . R_w`` one per
+query and key *column*. Both are computed outside the kernels with two einsums; inside, each tile adds
+``rel_h[q, row(key)] + rel_w[q, col(key)]``. Nothing ``N x N`` exists in memory, forward or backward.
+How a tile gets its bias is the ``bias`` mode:
 
-Kernel (FlashAttention-2 online softmax, Dao 2023): grid ``(B*heads, N / block_q)``; each program keeps
-one query block and loops over key blocks with a running max ``m``, running sum ``l`` and a float32
-accumulator; it writes the output and the per-query log-sum-exp ``lse = m + log l``. The backward
-pass (``jax.custom_vjp``, residuals ``out`` and ``lse`` named ``flash_out`` / ``flash_lse``; logits are
-never saved) is two more Pallas kernels that recompute each tile's logits from ``q, k, rel`` and
-``lse``: a dq kernel (grid over query blocks, loop over keys; also produces ``d rel = dS . onehot``,
-i.e. the sums of ``dS`` over each key row and column) and a dk/dv kernel (grid over key blocks, loop
-over queries). The gradients of ``R_h``, ``R_w`` and the query's relative part flow back through the
-einsums outside by ordinary autodiff.
+* ``"rows"`` (GPU default): keys are laid out by grid row, each row padded to a power of two ``W_p``
+  (28 -> 32 for ViT-L), and key blocks hold whole rows. The width term of every key block is then the
+  same ``[block_q, block_k]`` tile (``rel_w`` padded and tiled ``block_k / W_p`` times, loaded once per
+  query block) and the height term is one ``[block_q, 1]`` column of ``rel_h`` per row, broadcast over
+  the row's keys. No matmul, exact in every dtype. Padded keys carry ``-0.35 * f32max`` in each term,
+  which masks them. The backward gets ``d rel_w`` as ``dS`` summed over key blocks and ``d rel_h`` as
+  the row sums of ``dS``.
+* ``"onehot"`` (TPU and CPU default): ``bias = rel . onehot^T`` with ``rel = [rel_h, rel_w]``
+  (``[N, H + W]``) and ``onehot [block_k, H + W]`` marking each key's row and column, built in-kernel
+  from an iota; one small matmul per tile, at ``HIGHEST`` precision in float32 (it must not round).
 
-Padding and masking: ``N`` is padded with zeros up to a multiple of every block size. Padded keys get
-a logit of ``_MASK_VALUE`` (a large negative finite number, so no ``inf - inf``) before the max; key
-blocks that hold only padding are never visited. Padded queries are computed and dropped (their output
-cotangent is zero, so they add nothing to the gradients). Padded key rows of ``onehot`` are zero.
-The per-query statistics (``lse`` and the backward's ``delta = rowsum(dO * O)``) are stored
-``[B*heads, N_pad, 1]``, broadcast over the 128 lanes on TPU as JAX's own TPU kernels keep them.
+**float32 on GPU** takes ``"rows"``: the one-hot product at ``HIGHEST`` precision is an IEEE float32
+dot, which Triton runs on FMA units, not tensor cores (255 registers and spills on sm_90a); TF32 would
+round the relative terms (10-bit mantissa: ~1e-3 error in the logits, over the 1e-4 parity bound) and
+TF32x3 needs more shared memory than an H100 has. ``"rows"`` has no bias matmul at all, so the kernels
+keep only ``q.k`` and ``p.v``, which follow the model's ``precision`` as XLA's own dots do (``None``:
+TF32 on tensor cores; ``"highest"``: IEEE float32, for parity runs). It costs 14% more key positions
+(1792 instead of 1600 for ViT-L) and saves the one-hot product, twice the work of ``q.k`` (128-wide
+instead of 64), in bfloat16 too. TPU keeps ``"onehot"``: a dynamic one-column load per key row is not a
+Mosaic layout, and the MXU product of a 128-wide one-hot is cheap there.
 
-Block sizes per platform (:meth:`BlockSizes.default`):
+Kernel (FlashAttention-2 online softmax, Dao 2023; :mod:`seggpt_jax.nn.flash_kernels`): grid
+``(B, heads, N / block_q)``; each program keeps one query block and loops over key blocks with a
+running max, running sum and a float32 accumulator; it writes the output and the per-query
+log-sum-exp. The backward pass (``jax.custom_vjp``, residuals named ``flash_out`` / ``flash_lse``) is a
+dq kernel (grid over query blocks; also the relative terms' gradients) and a dk/dv kernel (grid over
+key blocks). Padded queries are computed and dropped; padded keys are masked before the max.
 
-* ``"gpu"`` (Triton): every loaded tile must have power-of-two sides and ``tl.dot`` needs sides of at
-  least 16, so the head dim and ``H + W`` are zero-padded to a power of two (>= 16; 84 -> 128 for
-  ViT-L). Forward 64 x 64 (smaller than the usual 128-row query block because the ``[block_q, 128]``
-  relative tile also sits in registers), backward 32 x 32 as JAX's own Triton kernel (the dk/dv kernel
-  also keeps two float32 ``[block_k, hd]`` accumulators and the key block's one-hot rows live), 4 warps,
-  2 pipeline stages. These are reasoned defaults, not tuned on hardware.
-* ``"tpu"`` (Mosaic): blocks of 128 (the lane width: the key axis is the minor axis of every
-  ``[block_q, block_k]`` tile, and 128 fills the MXU); ``H + W`` is padded to a multiple of 128 (minor
-  axis of the relative tiles and contraction of the bias matmul); the head dim stays as it is (a block
-  dim equal to the full array dim is allowed).
-* ``"cpu"``: interpret mode (``pallas_call(interpret=True)``: the kernel runs as an XLA loop over the
-  grid; slow, for tests only); blocks of 128 so fewer steps are interpreted; no padding of ``hd`` or
-  ``H + W``.
+**Partitioning.** XLA does not partition a ``pallas_call``: with a sharded batch it would all-gather the
+operands and run every kernel on the global batch on each device. Every operand has leading
+``[B, heads]`` dimensions, so each kernel call is wrapped in ``shard_map`` over the mesh in context
+(``jax.sharding.get_abstract_mesh()``, e.g. under ``jax.set_mesh(mesh)``, or the ``mesh`` argument):
+batch over :attr:`Partitioning.batch` axes, heads over :attr:`Partitioning.heads` axes, each axis used
+only when it divides the dimension. Every (batch, head) is independent, so this is exact.
 
-Block sizes are clamped to the (power-of-two rounded) sequence length for tiny grids, except on TPU.
+**Pallas GPU backend: Triton, explicitly** (``GPU_BACKENDS``; every GPU call passes Triton's
+``CompilerParams``, so ``jax_pallas_use_mosaic_gpu`` cannot switch it). Mosaic GPU runs on sm_90+
+only (no A100), JAX deprecates ``pallas_call`` for it in favour of ``plgpu.kernel`` with explicit
+warpgroup/TMA programming, and this kernel's generic tile code is what Triton compiles for sm_80 and
+sm_90a (wgmma there), measured by ``python -m benchmarks.kernel_resources``.
 
-This module is longer than our ~450-line rule (about 475 lines, a third of them this docstring and the
-kernels' comments): the forward kernel, the two backward kernels and their per-platform launch
-settings share the padding, masking and block-size conventions above, and splitting them would put
-the maths in one file and the code that must agree with it in another.
+Block sizes (:meth:`BlockSizes.default`): GPU 64 x 64 tiles forward and backward (64 rows: the least
+wgmma takes on sm_90a), 4 warps, 2 stages; ``hd`` and the bias widths zero-padded to powers of two
+(Triton tiles). TPU blocks of 128 (lanes), the bias width padded to a multiple of 128, the per-query
+statistics stored lane-broadcast ``[block, 128]`` and the accumulators in VMEM scratch. CPU
+(interpret mode, tests only): blocks of 128, no padding of widths. Tiny grids clamp the blocks.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax import lax
 from jax.ad_checkpoint import checkpoint_name
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as plgpu
+from jax.sharding import PartitionSpec as P
 
+from . import flash_kernels as kernels
+from .flash_kernels import HALF_MASK, TPU_LANES, TRITON_MIN_DOT, BlockSizes, KernelSpec
 from .ops import relative_tables
 
+__all__ = ["BIAS_MODES", "GPU_BACKENDS", "BlockSizes", "FlashOptions", "Partitioning", "attention_flash", "default_bias"]
+
 PLATFORMS = ("cpu", "gpu", "cuda", "rocm", "tpu")
-_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: a fully-masked row never makes NaN
-_TRANS_B = (((1,), (1,)), ((), ()))  # dot_general dims for a @ b.T
-_TPU_LANES = 128  # minor-axis tile width (and MXU width) on TPU
-_TRITON_MIN_DOT = 16  # tl.dot needs every matmul side >= 16
-_GPU_FORWARD_BLOCK = 64
-_GPU_BACKWARD_BLOCK = 32
-_GPU_NUM_WARPS = 4
-_GPU_NUM_STAGES = 2
-_CPU_BLOCK = 128
-#: ``checkpoint_name`` of the residuals the backward pass takes from the forward (a remat policy that
-#: saves them spares the backward a rerun of the forward kernel): the output ``[B*heads, N_pad, hd]``
-#: and the per-query log-sum-exp ``[B*heads, N_pad, 1]`` float32.
+BIAS_MODES = ("rows", "onehot")
+#: Pallas GPU backends this kernel is written for (module docstring: why not Mosaic GPU).
+GPU_BACKENDS = ("triton",)
+_MAX_ROW_WIDTH = 128  # "rows" is the GPU default while a padded grid row fits one 128-key block
+#: ``checkpoint_name`` of the residuals the backward pass takes from the forward: the output
+#: ``[B, heads, N_pad, hd]`` and the per-query log-sum-exp ``[B, heads, N_pad, 1]`` float32.
 OUT_NAME = "flash_out"
 LSE_NAME = "flash_lse"
+
+
+@dataclasses.dataclass(frozen=True)
+class Partitioning:
+    """Mesh axes to split the kernels over: ``batch`` axes split the batch, ``heads`` axes the heads
+    (the product's meshes: ``("data", "model")``). Axes missing from the mesh, of size 1, already
+    manual (inside the caller's own ``shard_map``) or not dividing the dimension are left out."""
+
+    batch: tuple[str, ...] = ("data",)
+    heads: tuple[str, ...] = ("model",)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashOptions:
+    """The kernel's execution choices, for an execution plan to hold as static data: each field is the
+    :func:`attention_flash` argument of the same name, with the same default."""
+
+    block_sizes: BlockSizes | None = None
+    bias: str | None = None
+    interpret: bool | None = None
+    gpu_backend: str = "triton"
+    mesh: Any = None
+    partitioning: Partitioning | None = Partitioning()
+
+    def kwargs(self) -> dict[str, Any]:
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
 
 
 def _canonical_platform(platform: str | None) -> str:
@@ -107,326 +131,102 @@ def _next_pow2(x: int) -> int:
     return 1 << max(x - 1, 0).bit_length()
 
 
+def default_bias(platform: str | None, grid: tuple[int, int]) -> str:
+    """The ``bias`` mode ``None`` means: ``"rows"`` on GPU while a grid row padded to a power of two
+    fits one 128-key block, ``"onehot"`` otherwise and on TPU and CPU (module docstring)."""
+    return "rows" if _canonical_platform(platform) == "gpu" and _next_pow2(grid[1]) <= _MAX_ROW_WIDTH else "onehot"
+
+
+# ------------------------------------------------------------------------------------ partitioning
 @dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    """Tile sizes. ``block_q`` / ``block_k``: query and key rows per tile in the forward kernel;
-    ``block_q_bwd`` / ``block_k_bwd``: the same for both backward kernels (default: the forward ones).
-    ``num_warps`` / ``num_stages`` are Triton's launch knobs (ignored elsewhere).
-    The sequence is padded to a multiple of all four block sizes."""
+class _Split:
+    mesh: object  # Mesh | AbstractMesh (hashable)
+    batch: tuple[str, ...]
+    heads: tuple[str, ...]
 
-    block_q: int
-    block_k: int
-    block_q_bwd: int | None = None
-    block_k_bwd: int | None = None
-    num_warps: int | None = None
-    num_stages: int | None = None
-
-    def __post_init__(self):
-        for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"{name} must be positive, got {value}")
-
-    @property
-    def backward(self) -> tuple[int, int]:
-        """``(block_q, block_k)`` of the backward kernels."""
-        return self.block_q_bwd or self.block_q, self.block_k_bwd or self.block_k
-
-    @property
-    def alignment(self) -> int:
-        """The padded sequence length is a multiple of this."""
-        return math.lcm(self.block_q, self.block_k, *self.backward)
-
-    @classmethod
-    def default(cls, platform: str | None, seq: int) -> BlockSizes:
-        """Default tiles for ``platform`` and sequence length ``seq`` (see the module docstring)."""
-        platform = _canonical_platform(platform)
-        if platform == "tpu":
-            return cls(_TPU_LANES, _TPU_LANES)
-        fits = max(_TRITON_MIN_DOT, _next_pow2(seq))
-        if platform == "gpu":
-            forward, backward = min(_GPU_FORWARD_BLOCK, fits), min(_GPU_BACKWARD_BLOCK, fits)
-            return cls(forward, forward, backward, backward, num_warps=_GPU_NUM_WARPS, num_stages=_GPU_NUM_STAGES)
-        block = min(_CPU_BLOCK, fits)
-        return cls(block, block)
+    def wrap(self, fn):
+        spec = P(self.batch or None, self.heads or None)
+        return jax.shard_map(fn, mesh=self.mesh, in_specs=spec, out_specs=spec, check_vma=False)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Kernel:
-    """Static description of one call (hashable: a ``custom_vjp`` non-differentiable argument)."""
+def _axes(mesh, names: tuple[str, ...], size: int) -> tuple[str, ...]:
+    """The usable axes among ``names`` whose sizes multiply to a divisor of ``size``."""
+    manual = set(getattr(mesh, "manual_axes", ()))
+    chosen, product = [], 1
+    for name in names:
+        if name in mesh.shape and name not in manual and mesh.shape[name] > 1 and size % (product * mesh.shape[name]) == 0:
+            chosen.append(name)
+            product *= mesh.shape[name]
+    return tuple(chosen)
 
-    seq: int  # real N
-    padded: int  # N rounded up to blocks.alignment
-    grid: tuple[int, int]
-    rel_width: int  # padded H + W (0: no relative terms)
-    blocks: BlockSizes
-    platform: str
-    interpret: bool
-    precision: Any
 
-    def key_blocks(self, block_k: int) -> int:
-        """Key (or query) blocks holding at least one real token; the rest are padding only."""
-        return pl.cdiv(self.seq, block_k)
-
-    def masked(self, block_k: int) -> bool:
-        return self.seq % block_k != 0
-
-    @property
-    def stat_lanes(self) -> int:
-        """Minor width of the per-query statistics (lse, delta) in memory: lane-broadcast on TPU, as
-        JAX's own TPU kernels keep them; one column elsewhere."""
-        return _TPU_LANES if self.platform == "tpu" and not self.interpret else 1
-
-    def compiler_params(self):
-        if self.interpret:
-            return None
-        if self.platform == "gpu":
-            return plgpu.CompilerParams(num_warps=self.blocks.num_warps, num_stages=self.blocks.num_stages)
-        if self.platform == "tpu":
-            return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
+def _split(mesh, partitioning: Partitioning | None, batch: int, heads: int) -> _Split | None:
+    if partitioning is None:
         return None
-
-    def key_onehot(self, dtype) -> jax.Array:
-        """``[N_pad, R]``: key ``p`` has ones at column ``row(p)`` and ``H + col(p)``; padding is zero."""
-        rows, cols = self.grid
-        position = jnp.arange(self.padded)[:, None]  # [N_pad, 1]
-        column = jnp.arange(self.rel_width)[None, :]  # [1, R]
-        hit = (column == position // cols) | (column == rows + position % cols)
-        return (hit & (position < self.seq)).astype(dtype)
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    if mesh is None or mesh.empty:
+        return None
+    split = _Split(mesh, _axes(mesh, partitioning.batch, batch), _axes(mesh, partitioning.heads, heads))
+    return split if split.batch or split.heads else None
 
 
-def _exact_precision(dtype) -> Any:
-    """Precision for the one-hot matmuls: they only select, so float32 must not round (Triton's
-    default is TF32); a half-precision one-hot product is exact at default precision."""
-    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+def _partitioned(fn, split: _Split | None):
+    return fn if split is None else split.wrap(fn)
 
 
-def _tile_logits(q, k, rel, onehot, *, k_start, spec: _Kernel, block_k: int) -> jax.Array:
-    """``[bq, bk]`` float32 logits of one tile: ``q.k^T + rel . onehot^T``, padded keys masked."""
-    s = lax.dot_general(q, k, _TRANS_B, precision=spec.precision, preferred_element_type=jnp.float32)
-    if rel is not None:
-        s += lax.dot_general(rel, onehot, _TRANS_B, precision=_exact_precision(rel.dtype),
-                             preferred_element_type=jnp.float32)
-    if spec.masked(block_k):
-        key = k_start + lax.broadcasted_iota(jnp.int32, s.shape, 1)
-        s = jnp.where(key < spec.seq, s, _MASK_VALUE)
-    return s
+# ---------------------------------------------------------------------------------- custom_vjp
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _flash(qs, k, v, terms, spec: KernelSpec, split: _Split | None):
+    return _partitioned(functools.partial(kernels.forward, spec=spec), split)(qs, k, v, terms)[0]
 
 
-def _column(stat: jax.Array) -> jax.Array:
-    """``[bq, 1]`` from a per-query statistic block stored ``[bq, stat_lanes]``."""
-    return stat if stat.shape[-1] == 1 else stat[:, :1]
+def _flash_fwd(qs, k, v, terms, spec: KernelSpec, split: _Split | None):
+    out, lse = _partitioned(functools.partial(kernels.forward, spec=spec), split)(qs, k, v, terms)
+    out, lse = checkpoint_name(out, OUT_NAME), checkpoint_name(lse[..., :1], LSE_NAME)  # lse: [B, h, N_pad, 1]
+    return out, (qs, k, v, terms, out, lse)
 
 
-def _split_refs(refs, spec: _Kernel, n_before: int):
-    """``(first n_before refs, rel_ref, onehot_ref, rest)``; the rel refs are ``None`` without rel_pos."""
-    head, tail = list(refs[:n_before]), refs[n_before:]
-    if spec.rel_width:
-        return head, tail[0], tail[1], tail[2:]
-    return head, None, None, tail
-
-
-# ------------------------------------------------------------------------------------------ forward
-def _forward_kernel(*refs, spec: _Kernel):
-    (q_ref, k_ref, v_ref), rel_ref, onehot_ref, (o_ref, lse_ref) = _split_refs(refs, spec, 3)
-    block_q, block_k = spec.blocks.block_q, spec.blocks.block_k
-    q = q_ref[...]  # [bq, hd]
-    rel = None if rel_ref is None else rel_ref[...]  # [bq, R]
-
-    def body(j, carry):
-        acc, m, l = carry  # [bq, hd], [bq, 1], [bq, 1]
-        start = pl.multiple_of(j * block_k, block_k)
-        keys = pl.ds(start, block_k)
-        onehot = None if onehot_ref is None else onehot_ref[keys, :]  # [bk, R]
-        s = _tile_logits(q, k_ref[keys, :], rel, onehot, k_start=start, spec=spec, block_k=block_k)
-        m_next = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-        p = jnp.exp(s - m_next)  # [bq, bk]
-        alpha = jnp.exp(m - m_next)
-        l_next = alpha * l + jnp.sum(p, axis=1, keepdims=True)
-        v = v_ref[keys, :]  # [bk, hd]
-        pv = lax.dot(p.astype(v.dtype), v, precision=spec.precision, preferred_element_type=jnp.float32)
-        return alpha * acc + pv, m_next, l_next
-
-    init = (jnp.zeros((block_q, q.shape[-1]), jnp.float32),
-            jnp.full((block_q, 1), -jnp.inf, jnp.float32),
-            jnp.zeros((block_q, 1), jnp.float32))
-    acc, m, l = lax.fori_loop(0, spec.key_blocks(block_k), body, init)
-    o_ref[...] = (acc / l).astype(o_ref.dtype)
-    lse_ref[...] = jnp.broadcast_to(m + jnp.log(l), lse_ref.shape)
-
-
-def _forward(qs, k, v, rel, spec: _Kernel):
-    """``qs, k, v: [BH, N_pad, hd]`` (``qs`` already scaled), ``rel: [BH, N_pad, R] | None`` ->
-    ``(out [BH, N_pad, hd], lse [BH, N_pad, stat_lanes])``."""
-    bh, padded, dim = qs.shape
-    block_q = spec.blocks.block_q
-    q_block = pl.BlockSpec((None, block_q, dim), lambda b, i: (b, i, 0))
-    whole_seq = pl.BlockSpec((None, padded, dim), lambda b, i: (b, 0, 0))
-    in_specs, args = [q_block, whole_seq, whole_seq], [qs, k, v]
-    if rel is not None:
-        in_specs += [pl.BlockSpec((None, block_q, spec.rel_width), lambda b, i: (b, i, 0)),
-                     pl.BlockSpec((padded, spec.rel_width), lambda b, i: (0, 0))]
-        args += [rel, spec.key_onehot(rel.dtype)]
-    return pl.pallas_call(
-        functools.partial(_forward_kernel, spec=spec),
-        grid=(bh, padded // block_q),
-        in_specs=in_specs,
-        out_specs=[q_block, pl.BlockSpec((None, block_q, spec.stat_lanes), lambda b, i: (b, i, 0))],
-        out_shape=[jax.ShapeDtypeStruct(qs.shape, v.dtype),
-                   jax.ShapeDtypeStruct((bh, padded, spec.stat_lanes), jnp.float32)],
-        compiler_params=spec.compiler_params(),
-        interpret=spec.interpret,
-        name="flash_relpos_fwd",
-    )(*args)
-
-
-# ----------------------------------------------------------------------------------------- backward
-def _dq_kernel(*refs, spec: _Kernel):
-    (q_ref, k_ref, v_ref), rel_ref, onehot_ref, rest = _split_refs(refs, spec, 3)
-    lse_ref, delta_ref, do_ref, dq_ref, *drel_ref = rest
-    block_q, block_k = spec.blocks.backward
-    q, do = q_ref[...], do_ref[...]  # [bq, hd]
-    lse, delta = _column(lse_ref[...]), _column(delta_ref[...])  # [bq, 1]
-    rel = None if rel_ref is None else rel_ref[...]  # [bq, R]
-
-    def body(j, carry):
-        dq, drel = carry
-        start = pl.multiple_of(j * block_k, block_k)
-        keys = pl.ds(start, block_k)
-        k, v = k_ref[keys, :], v_ref[keys, :]  # [bk, hd]
-        onehot = None if onehot_ref is None else onehot_ref[keys, :]  # [bk, R]
-        p = jnp.exp(_tile_logits(q, k, rel, onehot, k_start=start, spec=spec, block_k=block_k) - lse)
-        dp = lax.dot_general(do, v, _TRANS_B, precision=spec.precision, preferred_element_type=jnp.float32)
-        ds = p * (dp - delta)  # [bq, bk]
-        dq += lax.dot(ds.astype(k.dtype), k, precision=spec.precision, preferred_element_type=jnp.float32)
-        if rel is not None:
-            drel += lax.dot(ds.astype(onehot.dtype), onehot, precision=_exact_precision(onehot.dtype),
-                            preferred_element_type=jnp.float32)
-        return dq, drel
-
-    init = (jnp.zeros(q.shape, jnp.float32), None if rel is None else jnp.zeros(rel.shape, jnp.float32))
-    dq, drel = lax.fori_loop(0, spec.key_blocks(block_k), body, init)
-    dq_ref[...] = dq.astype(dq_ref.dtype)
-    if rel is not None:
-        drel_ref[0][...] = drel.astype(drel_ref[0].dtype)
-
-
-def _dkv_kernel(*refs, spec: _Kernel):
-    (q_ref, k_ref, v_ref), rel_ref, onehot_ref, rest = _split_refs(refs, spec, 3)
-    lse_ref, delta_ref, do_ref, dk_ref, dv_ref = rest
-    block_q, block_k = spec.blocks.backward
-    k, v = k_ref[...], v_ref[...]  # [bk, hd]
-    onehot = None if onehot_ref is None else onehot_ref[...]  # [bk, R]
-    k_start = pl.program_id(1) * block_k
-
-    def body(i, carry):
-        dk, dv = carry  # [bk, hd] float32
-        queries = pl.ds(pl.multiple_of(i * block_q, block_q), block_q)
-        q, do = q_ref[queries, :], do_ref[queries, :]  # [bq, hd]
-        rel = None if rel_ref is None else rel_ref[queries, :]  # [bq, R]
-        s = _tile_logits(q, k, rel, onehot, k_start=k_start, spec=spec, block_k=block_k)
-        p = jnp.exp(s - _column(lse_ref[queries, :]))  # [bq, bk]
-        dv += lax.dot(p.T.astype(do.dtype), do, precision=spec.precision, preferred_element_type=jnp.float32)
-        dp = lax.dot_general(do, v, _TRANS_B, precision=spec.precision, preferred_element_type=jnp.float32)
-        ds = p * (dp - _column(delta_ref[queries, :]))
-        dk += lax.dot(ds.T.astype(q.dtype), q, precision=spec.precision, preferred_element_type=jnp.float32)
-        return dk, dv
-
-    init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-    dk, dv = lax.fori_loop(0, spec.key_blocks(block_q), body, init)
-    dk_ref[...] = dk.astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
-
-
-def _backward_calls(qs, k, v, rel, lse, delta, d_out, spec: _Kernel):
-    """``(d qs, d k, d v, d rel)`` from two Pallas kernels; shapes as in :func:`_forward`."""
-    bh, padded, dim = qs.shape
-    block_q, block_k = spec.blocks.backward
-    width = spec.rel_width
-    onehot = None if rel is None else spec.key_onehot(rel.dtype)
-
-    def seq_spec(block: int, size: int, tiled: bool) -> pl.BlockSpec:
-        """``[block, size]`` rows at grid index ``i`` when ``tiled``, else the whole ``[N_pad, size]``."""
-        if tiled:
-            return pl.BlockSpec((None, block, size), lambda b, i: (b, i, 0))
-        return pl.BlockSpec((None, padded, size), lambda b, i: (b, 0, 0))
-
-    def call(kernel, queries_tiled: bool, out_shape, name):
-        """Grid over query blocks (dq kernel, ``queries_tiled``) or over key blocks (dk/dv kernel)."""
-        keys_tiled = not queries_tiled
-        in_specs = [seq_spec(block_q, dim, queries_tiled), seq_spec(block_k, dim, keys_tiled),
-                    seq_spec(block_k, dim, keys_tiled)]
-        args = [qs, k, v]
-        if rel is not None:
-            onehot_spec = (pl.BlockSpec((block_k, width), lambda b, i: (i, 0)) if keys_tiled
-                           else pl.BlockSpec((padded, width), lambda b, i: (0, 0)))
-            in_specs += [seq_spec(block_q, width, queries_tiled), onehot_spec]
-            args += [rel, onehot]
-        stat = seq_spec(block_q, spec.stat_lanes, queries_tiled)
-        in_specs += [stat, stat, seq_spec(block_q, dim, queries_tiled)]
-        args += [lse, delta, d_out]
-        out_block = block_q if queries_tiled else block_k
-        return pl.pallas_call(
-            functools.partial(kernel, spec=spec),
-            grid=(bh, padded // out_block),
-            in_specs=in_specs,
-            out_specs=[seq_spec(out_block, o.shape[-1], True) for o in out_shape],
-            out_shape=out_shape,
-            compiler_params=spec.compiler_params(),
-            interpret=spec.interpret,
-            name=name,
-        )(*args)
-
-    dq_out = [jax.ShapeDtypeStruct(qs.shape, qs.dtype)]
-    if rel is not None:
-        dq_out.append(jax.ShapeDtypeStruct(rel.shape, rel.dtype))
-    dq_and_drel = call(_dq_kernel, True, dq_out, "flash_relpos_dq")  # [BH, N_pad, hd], [BH, N_pad, R]
-    dk, dv = call(_dkv_kernel, False, [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-                  "flash_relpos_dkv")
-    drel = dq_and_drel[1] if rel is not None else None
-    return dq_and_drel[0], dk, dv, drel
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash(qs, k, v, rel, spec: _Kernel):
-    return _forward(qs, k, v, rel, spec)[0]
-
-
-def _flash_fwd(qs, k, v, rel, spec: _Kernel):
-    out, lse = _forward(qs, k, v, rel, spec)
-    out, lse = checkpoint_name(out, OUT_NAME), checkpoint_name(lse[..., :1], LSE_NAME)  # lse: [BH, N_pad, 1]
-    return out, (qs, k, v, rel, out, lse)
-
-
-def _flash_bwd(spec: _Kernel, residuals, d_out):
-    qs, k, v, rel, out, lse = residuals
-    delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1, keepdims=True)  # [BH, N_pad, 1]
+def _flash_bwd(spec: KernelSpec, split: _Split | None, residuals, d_out):
+    qs, k, v, terms, out, lse = residuals
+    delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1, keepdims=True)  # [B, h, N_pad, 1]
     lanes = lambda stat: jnp.broadcast_to(stat, (*stat.shape[:-1], spec.stat_lanes))  # noqa: E731
-    return _backward_calls(qs, k, v, rel, lanes(lse), lanes(delta), d_out.astype(out.dtype), spec)
+    backward = _partitioned(lambda *a: kernels.backward(*a, spec=spec), split)
+    return backward(qs, k, v, terms, lanes(lse), lanes(delta), d_out.astype(out.dtype))
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-# ------------------------------------------------------------------------------------- public API
-def _relative_terms(q_heads, grid, rel_pos, precision) -> jax.Array:
-    """``[BH, N, H + W]``: ``q . R_h`` per key row, then ``q . R_w`` per key column (unscaled ``q``)."""
-    bh, seq, dim = q_heads.shape
+# ------------------------------------------------------------------------------------- layouts
+def _relative_terms(q_heads, grid, rel_pos, precision) -> tuple[jax.Array, jax.Array]:
+    """``rel_h [B, h, N, H]`` (``q . R_h`` per key row) and ``rel_w [B, h, N, W]`` (per key column),
+    from the unscaled ``q_heads [B, h, N, hd]``."""
+    batch, heads, seq, dim = q_heads.shape
     rows, cols = grid
     table_h, table_w = relative_tables(*rel_pos, grid)  # [H, H, hd], [W, W, hd]
-    q_grid = q_heads.reshape(bh, rows, cols, dim)
-    rel_h = jnp.einsum("bhwc,hkc->bhwk", q_grid, table_h.astype(q_heads.dtype), precision=precision)  # [BH, H, W, H]
-    rel_w = jnp.einsum("bhwc,wkc->bhwk", q_grid, table_w.astype(q_heads.dtype), precision=precision)  # [BH, H, W, W]
-    return jnp.concatenate([rel_h.reshape(bh, seq, rows), rel_w.reshape(bh, seq, cols)], axis=-1)
+    q_grid = q_heads.reshape(batch, heads, rows, cols, dim)
+    rel_h = jnp.einsum("bnhwc,hkc->bnhwk", q_grid, table_h.astype(q_heads.dtype), precision=precision)
+    rel_w = jnp.einsum("bnhwc,wkc->bnhwk", q_grid, table_w.astype(q_heads.dtype), precision=precision)
+    return rel_h.reshape(batch, heads, seq, rows), rel_w.reshape(batch, heads, seq, cols)
 
 
-def _padded_widths(platform: str, dim: int, rel_width: int) -> tuple[int, int]:
-    """``(head dim, H + W)`` after the platform's padding (module docstring)."""
-    if platform == "gpu":
-        return max(_TRITON_MIN_DOT, _next_pow2(dim)), rel_width and max(_TRITON_MIN_DOT, _next_pow2(rel_width))
-    if platform == "tpu":
-        return dim, rel_width and _round_up(rel_width, _TPU_LANES)
-    return dim, rel_width
+def _pad(x: jax.Array, length: int | None = None, width: int | None = None, value=0.0) -> jax.Array:
+    """Pad ``[B, h, n, c]`` to ``[B, h, length, width]`` at the end."""
+    n, c = x.shape[-2:]
+    return jnp.pad(x, ((0, 0), (0, 0), (0, (length or n) - n), (0, (width or c) - c)), constant_values=value)
+
+
+def _widths(platform: str, dim: int, bias: str | None, grid, blocks: BlockSizes, k_len: int, row_width: int):
+    """``(padded hd, rel_width, tile_width)`` for the platform's tiles (module docstring)."""
+    rows, cols = grid
+    gpu = platform == "gpu"
+    fit = (lambda n: max(TRITON_MIN_DOT, _next_pow2(n))) if gpu else (lambda n: n)  # noqa: E731
+    if bias == "rows":
+        return fit(dim), (_next_pow2 if gpu else int)(k_len // row_width), max(blocks.block_k, blocks.backward[1])
+    if bias == "onehot":
+        width = _round_up(rows + cols, TPU_LANES) if platform == "tpu" else fit(rows + cols)
+        return fit(dim), width, 0
+    return fit(dim), 0, 0
 
 
 def attention_flash(
@@ -441,13 +241,25 @@ def attention_flash(
     platform: str | None = None,
     block_sizes: BlockSizes | None = None,
     interpret: bool | None = None,
+    bias: str | None = None,
+    gpu_backend: str = "triton",
+    mesh=None,
+    partitioning: Partitioning | None = Partitioning(),
 ) -> jax.Array:
     """Fused attention. ``q, k, v: [B, N, heads, hd]``, ``N = H * W``; returns ``[B, N, heads, hd]``.
+    Differentiable w.r.t. ``q, k, v`` and both relative tables. Every choice below is static.
 
-    ``platform``: ``"gpu"``/``"cuda"`` (Triton), ``"tpu"`` (Mosaic) or ``"cpu"``; default
-    ``jax.default_backend()``. It is static: a Pallas call cannot sit in ``lax.platform_dependent``.
-    ``interpret=None`` interprets exactly when the platform is CPU. ``block_sizes`` default:
-    :meth:`BlockSizes.default`. Differentiable w.r.t. ``q, k, v`` and both relative tables.
+    * ``platform``: ``"gpu"``/``"cuda"`` (Triton), ``"tpu"`` (Mosaic) or ``"cpu"``; default
+      ``jax.default_backend()`` (a Pallas call cannot sit in ``lax.platform_dependent``).
+    * ``interpret``: ``None`` interprets exactly when the platform is CPU; ``True`` runs the chosen
+      platform's layout through the Pallas interpreter (tests).
+    * ``block_sizes``: default :meth:`BlockSizes.default`.
+    * ``bias``: ``"rows"`` or ``"onehot"``; ``None``: :func:`default_bias` (``"rows"`` on GPU, which is
+      also the float32 strategy there; module docstring).
+    * ``gpu_backend``: the Pallas GPU backend, one of ``GPU_BACKENDS`` (``"triton"``).
+    * ``mesh`` / ``partitioning``: each kernel call runs under ``shard_map`` over ``mesh`` (default: the
+      abstract mesh in context, if any), batch and heads split as ``partitioning`` says; ``None``
+      turns partitioning off (every device then runs the kernels on the whole batch).
     """
     batch, seq, heads, dim = q.shape
     rows, cols = grid
@@ -455,21 +267,48 @@ def attention_flash(
         raise ValueError(f"grid {grid} has {rows * cols} cells but q has {seq} tokens")
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must share one shape, got {q.shape}, {k.shape}, {v.shape}")
+    if gpu_backend not in GPU_BACKENDS:
+        raise ValueError(f"gpu_backend must be one of {GPU_BACKENDS}, got {gpu_backend!r}")
     platform = _canonical_platform(platform)
     interpret = platform == "cpu" if interpret is None else interpret
-    blocks = block_sizes or BlockSizes.default(platform, seq)
-    padded_dim, rel_width = _padded_widths(platform, dim, 0 if rel_pos is None else rows + cols)
-    padded = _round_up(seq, blocks.alignment)
-    spec = _Kernel(seq=seq, padded=padded, grid=(rows, cols), rel_width=rel_width, blocks=blocks,
-                   platform=platform, interpret=interpret, precision=precision)
+    bias = default_bias(platform, grid) if bias is None else bias
+    if bias not in BIAS_MODES:
+        raise ValueError(f"bias must be one of {BIAS_MODES} or None, got {bias!r}")
+    if bias == "rows" and platform == "tpu":
+        raise ValueError("bias='rows' loads one column per key row, which Mosaic (TPU) cannot lay out; use 'onehot'")
+    mode = None if rel_pos is None else bias
+    row_width = _next_pow2(cols) if mode == "rows" else 1
+    blocks = block_sizes or BlockSizes.default(platform, seq, row_width)
+    if mode == "rows" and (blocks.block_k % row_width or blocks.backward[1] % row_width):
+        raise ValueError(f"bias='rows' needs key blocks that hold whole grid rows of {row_width} keys "
+                         f"(the width {cols} padded to a power of two), got {blocks}")
+    key_extent = rows * row_width if mode == "rows" else seq
+    q_len, k_len = _round_up(seq, blocks.query_alignment), _round_up(key_extent, blocks.key_alignment)
+    padded_dim, rel_width, tile_width = _widths(platform, dim, mode, grid, blocks, k_len, row_width)
+    spec = KernelSpec(seq=seq, grid=(rows, cols), q_len=q_len, k_len=k_len, bias=mode, row_width=row_width,
+                      rel_width=rel_width, tile_width=tile_width, blocks=blocks, platform=platform,
+                      interpret=interpret, precision=precision)
 
-    bh = batch * heads
-    per_head = lambda t: t.transpose(0, 2, 1, 3).reshape(bh, seq, dim)  # noqa: E731  [BH, N, hd]
-    pad = lambda t, width: jnp.pad(t, ((0, 0), (0, padded - seq), (0, width - t.shape[-1])))  # noqa: E731
+    per_head = lambda t: t.transpose(0, 2, 1, 3)  # noqa: E731  [B, h, N, hd]
     q_heads = per_head(q)
-    rel = None
-    if rel_pos is not None:
-        rel = pad(_relative_terms(q_heads, grid, rel_pos, precision), rel_width)  # [BH, N_pad, R]
-    qs = pad(q_heads * jnp.asarray(scale, q.dtype), padded_dim)  # [BH, N_pad, hd_pad]
-    out = _flash(qs, pad(per_head(k), padded_dim), pad(per_head(v), padded_dim), rel, spec)
-    return out[:, :seq, :dim].reshape(batch, heads, seq, dim).transpose(0, 2, 1, 3)
+    terms: tuple = ()
+    if mode is not None:
+        rel_h, rel_w = _relative_terms(q_heads, grid, rel_pos, precision)
+        if mode == "onehot":
+            terms = (_pad(jnp.concatenate([rel_h, rel_w], axis=-1), q_len, rel_width),)
+        else:  # padded rows and columns carry half the mask each
+            rel_w = _pad(rel_w, width=row_width, value=HALF_MASK)
+            rel_w = jnp.tile(rel_w, (1, 1, 1, tile_width // row_width))  # [B, h, N, tile_width]
+            terms = (_pad(_pad(rel_h, width=rel_width, value=HALF_MASK), q_len), _pad(rel_w, q_len))
+
+    def keys_layout(t: jax.Array) -> jax.Array:  # [B, h, k_len, hd_pad]
+        if mode == "rows":
+            t = t.reshape(batch, heads, rows, cols, dim)
+            t = jnp.pad(t, ((0, 0), (0, 0), (0, 0), (0, row_width - cols), (0, 0)))
+            t = t.reshape(batch, heads, rows * row_width, dim)
+        return _pad(t, k_len, padded_dim)
+
+    qs = _pad(q_heads * jnp.asarray(scale, q.dtype), q_len, padded_dim)
+    split = _split(mesh, partitioning, batch, heads)
+    out = _flash(qs, keys_layout(per_head(k)), keys_layout(per_head(v)), terms, spec, split)
+    return per_head(out[:, :, :seq, :dim])
