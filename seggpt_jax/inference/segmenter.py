@@ -15,6 +15,7 @@ a stream (any iterable), read and segmented batch by batch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import threading
@@ -28,7 +29,7 @@ from ..imaging.decode import InputError, to_rgb_uint8
 from ..imaging.masks import ColourMap, build_palette
 from ..imaging.processor import SegGptImageProcessor, classes_from_painted, painted_query, resize_nearest
 from ..nn.inputs import EMBEDDING_TYPES, ENSEMBLE_MODES
-from .prompts import PromptPreparer, is_per_query, normalise_prompts
+from .prompts import PreparedPrompt, PromptPreparer, is_per_query, normalise_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +187,6 @@ class Segmenter:
         types = _embedding_types(embedding_type, total, "instance" if binary else "semantic")
         prepare_prompt = PromptPreparer(self.processor, None if binary else num_labels,
                                         None if binary else colour_map)
-        palette = np.asarray(build_palette(1 if binary else num_labels), dtype=np.float32)
 
         pending: list[_Query | InputFailure] = []
         seen = done = 0
@@ -201,11 +201,8 @@ class Segmenter:
                 if isinstance(item, InputFailure):
                     yield item
                     continue
-                picture = next(painted)  # [3, h, w] in [0, 255]
-                classes, scores = classes_from_painted(picture, palette, item.size, return_scores=return_scores)
-                yield SegmentationResult(mask=classes == 1 if binary else classes,
-                                         painted=resize_nearest(picture, item.size).astype(np.uint8).transpose(1, 2, 0),
-                                         scores=scores, source=item.source)
+                yield self.finish(next(painted), item.size, num_labels=None if binary else num_labels,
+                                  return_scores=return_scores, source=item.source)
             done += len(pending)
             pending.clear()
             if progress is not None:
@@ -243,18 +240,63 @@ class Segmenter:
                 rows_pi.append(image)
                 rows_pm.append(mask)
                 rows_type.append(query.instance)
-        real = len(rows_q)
-        target = max(1, self.batch_size // count) * count if pad and self.pad_batches else real
-        for rows in (rows_q, rows_pi, rows_pm, rows_type):
-            rows.extend(rows[real - count:real] * ((target - real) // count))
+        rows = max(1, self.batch_size // count) * count if pad and self.pad_batches else None
+        return list(self.paint_batch(np.stack(rows_q), np.stack(rows_pi), np.stack(rows_pm), np.asarray(rows_type),
+                                     prompts_per_query=count, ensemble_mode=ensemble_mode, rows=rows))
+
+    # ------------------------------------------------------------------------------ the steps, one by one
+    # What a server (seggpt_jax.serve) calls: prepare_query and prepare_prompts on worker threads,
+    # paint_batch on the one device thread, finish on the workers again.
+    def prepare_prompts(self, prompts: Any, *, num_labels: int | None = None,
+                        colour_map: ColourMap | Mapping | str | None = None) -> list[PreparedPrompt]:
+        """The prompts (the forms :meth:`segment` accepts, shared by all queries) preprocessed once: model
+        inputs for binary mode, or for semantic mode with ``num_labels``. :meth:`segment` takes the list
+        back as its ``prompts`` (with the same ``num_labels``). Only the prompt's preprocessing is kept:
+        prompt and query share one canvas, so the model itself runs again for every query."""
+        prepare = PromptPreparer(self.processor, num_labels, colour_map)
+        return [PreparedPrompt(*prepare(prompt), num_labels=num_labels)
+                for prompt in normalise_prompts(prompts, None)]
+
+    def paint_batch(self, pixel_values: np.ndarray, prompt_pixel_values: np.ndarray, prompt_masks: np.ndarray,
+                    is_instance: np.ndarray, *, prompts_per_query: int = 1, ensemble_mode: str | None = None,
+                    rows: int | None = None) -> np.ndarray:
+        """One forward over prepared rows -> each query's painted ``[queries, 3, h, w]`` in ``[0, 255]``.
+
+        Args:
+            pixel_values, prompt_pixel_values, prompt_masks: ``[R, 3, h, w]`` float32 rows, query by query:
+                each query repeated once per prompt, ``prompts_per_query`` consecutive rows per query.
+            is_instance: ``[R]`` bool, the embedding type of each row (True: instance).
+            rows: pad to this many rows (a multiple of ``prompts_per_query``) by repeating the last
+                query, so that batches of any size run one compiled shape.
+        """
+        count, real = prompts_per_query, len(pixel_values)
+        target = real if rows is None else rows
+        if real == 0 or real % count or target < real or target % count:
+            raise ValueError(f"paint_batch: {real} rows padded to {target} do not make whole queries of "
+                             f"{count} prompt{'s' if count > 1 else ''}")
+        arrays = [pixel_values, prompt_pixel_values, prompt_masks, np.asarray(is_instance)]
+        if target > real:
+            arrays = [np.concatenate([a, np.concatenate([a[real - count:real]] * ((target - real) // count))])
+                      for a in arrays]
         if (target, count) not in self.shapes_run:
             logger.info("first batch of %d rows (%d prompt%s per query): it compiles unless compiled before",
                         target, count, "s" if count > 1 else "")
             self.shapes_run.add((target, count))
-        out = self.model(np.stack(rows_q), np.stack(rows_pi), np.stack(rows_pm), feature_ensemble=count > 1,
-                         embedding_type=np.asarray(rows_type), ensemble_mode=ensemble_mode, prompts_per_query=count)
+        out = self.model(*arrays[:3], feature_ensemble=count > 1, embedding_type=arrays[3],
+                         ensemble_mode=self.ensemble_mode if ensemble_mode is None else ensemble_mode,
+                         prompts_per_query=count)
         painted = painted_query(out, self.processor.image_mean, self.processor.image_std)  # [rows, 3, h, w]
-        return [painted[i * count] for i in range(len(queries))]
+        return painted[:real:count]
+
+    def finish(self, painted: np.ndarray, size: tuple[int, int], *, num_labels: int | None = None,
+               return_scores: bool = False, source: str | None = None) -> SegmentationResult:
+        """A query's painted ``[3, h, w]`` (from :meth:`paint_batch`) -> its result at the original ``size``:
+        a boolean foreground without ``num_labels``, class ids ``0..num_labels`` with it."""
+        classes, scores = classes_from_painted(painted, _palette(1 if num_labels is None else num_labels), size,
+                                               return_scores=return_scores)
+        return SegmentationResult(mask=classes == 1 if num_labels is None else classes,
+                                  painted=resize_nearest(painted, size).astype(np.uint8).transpose(1, 2, 0),
+                                  scores=scores, source=source)
 
     # ------------------------------------------------------------------------------ video
     def segment_video(self, frames: Iterable[Any], prompt: Any, *, context_frames: int = 0,
@@ -308,6 +350,11 @@ def compile_ahead(config, *, queries: int, prompts: int = 1, batch_size: int | N
     thread = threading.Thread(target=run, name="seggpt-jax-compile", daemon=True)
     thread.start()
     return thread.join
+
+
+@functools.lru_cache(maxsize=64)
+def _palette(num_labels: int) -> np.ndarray:
+    return np.asarray(build_palette(num_labels), dtype=np.float32)
 
 
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
