@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
-from . import common, convert, export, segment, train
+from . import common, convert, export, segment, serve, train
 from .common import UserError
 
 EXIT_ERROR = 1
@@ -33,6 +33,7 @@ def build_parser() -> common.Parser:
     train.add_commands(sub)
     convert.add_commands(sub)
     export.add_commands(sub)
+    serve.add_commands(sub)
     return parser
 
 
