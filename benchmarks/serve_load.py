@@ -4,6 +4,8 @@ answer checked against ``Segmenter``.
     seggpt-jax serve MODEL --port 8000 &                        # the server under test
     python -m benchmarks.serve_load --url http://127.0.0.1:8000 --model MODEL --clients 4 --requests 16
 
+    python -m benchmarks.serve_load --make-checkpoint vit-large  # a random-weight ViT-L to serve, once
+
 Loopback only, and bounded: ``--requests`` good requests (a mix of binary, semantic, two-prompt and
 registered-prompt requests, one query each), sent first one at a time and then by ``--clients``
 concurrent clients with a bad request (undecodable image, count mismatch, wrong media type, unknown
@@ -234,23 +236,48 @@ def build_requests(url: str, inputs: dict, count: int, max_prompts: int, bad_eve
     return good, bad
 
 
-def reference_masks(model: str, good: list[Request]) -> dict[int, np.ndarray]:
-    """What ``Segmenter`` answers for each good request, encoded as the API encodes it."""
+def reference_masks(model: str, good: list[Request]) -> tuple[dict[int, np.ndarray], list[float]]:
+    """What ``Segmenter`` answers for each good request, encoded as the API encodes it, and the seconds
+    of each direct call (after one untimed call per prompt count, which compiles)."""
     from seggpt_jax import Segmenter
 
     segmenter = Segmenter.from_pretrained(model)
-    out = {}
-    for request in good:
+
+    def answer(request: Request) -> np.ndarray:
         result = segmenter.segment(request.query, prompts=[tuple(p) for p in request.prompts],
                                    num_labels=request.num_labels)
-        out[request.index] = result.mask.astype(np.uint8) * (255 if request.num_labels is None else 1)
-    return out
+        return result.mask.astype(np.uint8) * (255 if request.num_labels is None else 1)
+
+    for count in sorted({len(r.prompts) for r in good}):
+        answer(next(r for r in good if len(r.prompts) == count))
+    out, seconds = {}, []
+    for request in good:
+        start = time.perf_counter()
+        out[request.index] = answer(request)
+        seconds.append(time.perf_counter() - start)
+    return out, seconds
+
+
+def serving_checkpoint(kind: str) -> str:
+    """A random-weight ViT-L written by transformers, with masks that are neither empty nor full
+    (``seggpt_jax_testing.serving.write_serving_checkpoint``), created once in benchmarks/.cache."""
+    from benchmarks.segment_cli import CACHE
+    from seggpt_jax_testing.serving import HFConfig, write_serving_checkpoint
+
+    if kind != "vit-large":
+        raise SystemExit(f"serve_load: unknown checkpoint kind {kind!r}")
+    folder = os.path.join(CACHE, "vit-large-serving")
+    if not os.path.isfile(os.path.join(folder, "model.safetensors")):
+        write_serving_checkpoint(folder, config=HFConfig(), samples=1)
+    return folder
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server (loopback only)")
-    parser.add_argument("--model", required=True, help="the server's checkpoint, for the Segmenter answers")
+    parser.add_argument("--model", help="the server's checkpoint, for the Segmenter answers")
+    parser.add_argument("--make-checkpoint", choices=["vit-large"],
+                        help="only write (once) a random-weight ViT-L whose masks have content, print its folder")
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients in the second phase")
     parser.add_argument("--requests", type=int, default=16, help="good requests per phase (one query each)")
     parser.add_argument("--bad-every", type=int, default=4, help="a bad request after every N good ones (0: none)")
@@ -259,6 +286,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)
+    if args.make_checkpoint:
+        folder = serving_checkpoint(args.make_checkpoint)
+        print(folder)
+        return {"checkpoint": folder}
+    if not args.model:
+        parser.error("--model is required (the checkpoint the server runs)")
     url = args.url.rstrip("/")
     check_loopback(url)
     deadline = time.monotonic() + args.max_seconds
@@ -285,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
         before = scrape(url)
         concurrent_out, concurrent_s = run_phase(url, mixed, args.clients, deadline)
         after = scrape(url)
-        answers = reference_masks(args.model, good)
+        answers, direct = reference_masks(args.model, good)
     wrong = lost = 0
     for phase in (sequential, concurrent_out):
         for request in good:
@@ -312,6 +345,9 @@ def main(argv: list[str] | None = None) -> dict:
         "clients": args.clients,
         "good": {"sequential": seq, "concurrent": conc,
                  "speedup": round(conc["requests_per_s"] / seq["requests_per_s"], 3) if seq["requests_per_s"] else None,
+                 "segmenter_direct_p50_s": round(statistics.median(direct), 3),
+                 "service_overhead_p50_ms": round(1000 * (seq["p50_s"] - statistics.median(direct)), 1)
+                 if seq["p50_s"] is not None else None,
                  "mask_foreground_mean": round(float(np.mean([(m > 0).mean() for m in answers.values()])), 3)},
         "bad": {"count": len(bad), "by_kind": bad_status,
                 "unexpected": sum(1 for r in bad if bad_status[r.kind] != r.expect)},
@@ -343,4 +379,4 @@ def _avx512() -> bool:
 
 if __name__ == "__main__":
     report = main()
-    sys.exit(1 if report["wrong"] or report["lost"] or report["bad"]["unexpected"] else 0)
+    sys.exit(1 if report.get("wrong") or report.get("lost") or report.get("bad", {}).get("unexpected") else 0)

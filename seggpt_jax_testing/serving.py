@@ -24,14 +24,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def write_serving_checkpoint(folder: str, *, config: str = "nonsquare", contrast: float = 8.0, seed: int = 0) -> str:
-    """A random-weight transformers checkpoint whose masks are neither empty nor full (see module doc)."""
-    hf = make_hf_model(HFConfig(**TINY_CONFIGS[config]), seed=seed)
+def write_serving_checkpoint(folder: str, *, config: str | HFConfig = "nonsquare", contrast: float = 8.0,
+                             seed: int = 0, samples: int = 8) -> str:
+    """A random-weight transformers checkpoint whose masks are neither empty nor full (see module doc).
+    ``config``: a name in ``TINY_CONFIGS`` or a transformers config (``HFConfig()`` is ViT-L)."""
+    hf = make_hf_model(HFConfig(**TINY_CONFIGS[config]) if isinstance(config, str) else config, seed=seed)
     height, width = hf.config.image_size
     head = hf.decoder.decoder_pred.head
     mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
     generator = torch.Generator().manual_seed(seed)
-    inputs = [torch.randn(8, 3, height // 2, width, generator=generator) for _ in range(3)]
+    inputs = [torch.randn(samples, 3, height // 2, width, generator=generator) for _ in range(3)]
     with torch.no_grad():
         head.weight.mul_(contrast)
         head.bias.mul_(contrast)
@@ -129,11 +131,3 @@ def session_cache(tmp_path_factory) -> str:
     folder.mkdir(exist_ok=True)
     return str(folder)
 
-
-def scrape(url: str) -> dict[tuple[str, tuple], float]:
-    """``/metrics`` parsed as Prometheus text: ``{(sample name, sorted label items): value}``."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}

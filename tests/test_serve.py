@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks.serve_load import scrape
 from seggpt_jax import Segmenter
 from seggpt_jax.imaging.masks import build_palette, voc_colours
-from seggpt_jax_testing.serving import ServerProcess, scrape, session_cache, session_checkpoint
+from seggpt_jax_testing.serving import ServerProcess, session_cache, session_checkpoint
 
 CHROMIUM = "/usr/bin/chromium"
 MAX_PROMPTS = 3
