@@ -10,11 +10,15 @@ Loopback only, and bounded: ``--requests`` good requests (a mix of binary, seman
 registered-prompt requests, one query each), sent first one at a time and then by ``--clients``
 concurrent clients with a bad request (undecodable image, count mismatch, wrong media type, unknown
 prompt id) after every ``--bad-every`` good ones; nothing runs past ``--max-seconds``. A 429 is
-retried after its Retry-After (and counted). Reported: throughput of both phases, p50/p95/p99
-latency, the batch-size distribution and rejections (from ``/metrics``), compiles after ready, and the
-server's RSS at the start and the end. Then ``Segmenter`` (``--model``, loaded here after the load
-phases) answers every good request directly: ``wrong`` counts answers that differ, ``lost`` good
-requests that got none. ``--json FILE`` writes the report.
+retried after its Retry-After (and counted).
+
+``Segmenter`` (``--model``, the server's checkpoint) is loaded here too. In the one-at-a-time phase
+each request is also answered directly, back to back with the service (so both see the same machine
+load): ``service_overhead_ms`` is what the service adds to a direct call. Every answer of both phases
+is compared with the direct one: ``wrong`` counts answers that differ, ``lost`` good requests that got
+none. Also reported: throughput of both phases, p50/p95/p99 latency, the batch-size distribution and
+rejections (from ``/metrics``), compiles after ready, and the server's RSS at the start and the end.
+``--json FILE`` writes the report.
 """
 
 from __future__ import annotations
@@ -236,26 +240,45 @@ def build_requests(url: str, inputs: dict, count: int, max_prompts: int, bad_eve
     return good, bad
 
 
-def reference_masks(model: str, good: list[Request]) -> tuple[dict[int, np.ndarray], list[float]]:
-    """What ``Segmenter`` answers for each good request, encoded as the API encodes it, and the seconds
-    of each direct call (after one untimed call per prompt count, which compiles)."""
-    from seggpt_jax import Segmenter
+class Reference:
+    """``Segmenter`` on the same checkpoint, in this process: the answer each good request must get, and
+    the time of each direct call (one untimed call per prompt count first, which compiles)."""
 
-    segmenter = Segmenter.from_pretrained(model)
+    def __init__(self, model: str, good: list[Request]):
+        from seggpt_jax import Segmenter
 
-    def answer(request: Request) -> np.ndarray:
-        result = segmenter.segment(request.query, prompts=[tuple(p) for p in request.prompts],
-                                   num_labels=request.num_labels)
+        self.segmenter = Segmenter.from_pretrained(model)
+        for count in sorted({len(r.prompts) for r in good}):
+            self.answer(next(r for r in good if len(r.prompts) == count))
+
+    def answer(self, request: Request) -> np.ndarray:
+        """The mask as the API encodes it: 0/255 in binary mode, class ids in semantic mode."""
+        result = self.segmenter.segment(request.query, prompts=[tuple(p) for p in request.prompts],
+                                        num_labels=request.num_labels)
         return result.mask.astype(np.uint8) * (255 if request.num_labels is None else 1)
 
-    for count in sorted({len(r.prompts) for r in good}):
-        answer(next(r for r in good if len(r.prompts) == count))
-    out, seconds = {}, []
-    for request in good:
+    def timed(self, request: Request) -> tuple[np.ndarray, float]:
         start = time.perf_counter()
-        out[request.index] = answer(request)
-        seconds.append(time.perf_counter() - start)
-    return out, seconds
+        mask = self.answer(request)
+        return mask, time.perf_counter() - start
+
+
+def sequential_phase(url: str, good: list[Request], reference: Reference, deadline: float):
+    """Each good request once through the service and once directly, back to back (alternating which
+    goes first), so that both see the same machine load: their difference is what the service adds."""
+    outcomes, answers, direct = {}, {}, {}
+    seconds = 0.0
+    with httpx.Client() as client:
+        for request in good:
+            if time.monotonic() > deadline:
+                break
+            if request.index % 2:
+                answers[request.index], direct[request.index] = reference.timed(request)
+            outcomes[request.index] = send(client, url, request, deadline)
+            seconds += outcomes[request.index].seconds
+            if not request.index % 2:
+                answers[request.index], direct[request.index] = reference.timed(request)
+    return outcomes, seconds, answers, direct
 
 
 def serving_checkpoint(kind: str) -> str:
@@ -308,8 +331,9 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         inputs = write_inputs(folder, min(args.requests, 24), args.image_size, args.seed)
         good, bad = build_requests(url, inputs, args.requests, info["max_prompts"], args.bad_every)
+        reference = Reference(args.model, good)
         start_metrics = scrape(url)
-        sequential, sequential_s = run_phase(url, good, 1, deadline)
+        sequential, sequential_s, answers, direct = sequential_phase(url, good, reference, deadline)
         mixed = []
         for request in good:
             mixed.append(request)
@@ -318,7 +342,8 @@ def main(argv: list[str] | None = None) -> dict:
         before = scrape(url)
         concurrent_out, concurrent_s = run_phase(url, mixed, args.clients, deadline)
         after = scrape(url)
-        answers, direct = reference_masks(args.model, good)
+        for request in good:  # answers the time limit left out
+            answers.setdefault(request.index, reference.answer(request))
     wrong = lost = 0
     for phase in (sequential, concurrent_out):
         for request in good:
@@ -345,9 +370,8 @@ def main(argv: list[str] | None = None) -> dict:
         "clients": args.clients,
         "good": {"sequential": seq, "concurrent": conc,
                  "speedup": round(conc["requests_per_s"] / seq["requests_per_s"], 3) if seq["requests_per_s"] else None,
-                 "segmenter_direct_p50_s": round(statistics.median(direct), 3),
-                 "service_overhead_p50_ms": round(1000 * (seq["p50_s"] - statistics.median(direct)), 1)
-                 if seq["p50_s"] is not None else None,
+                 "segmenter_direct_p50_s": round(statistics.median(direct.values()), 3) if direct else None,
+                 "service_overhead_ms": _paired_overhead(sequential, direct),
                  "mask_foreground_mean": round(float(np.mean([(m > 0).mean() for m in answers.values()])), 3)},
         "bad": {"count": len(bad), "by_kind": bad_status,
                 "unexpected": sum(1 for r in bad if bad_status[r.kind] != r.expect)},
@@ -367,6 +391,16 @@ def main(argv: list[str] | None = None) -> dict:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
     return report
+
+
+def _paired_overhead(outcomes: dict[int, Outcome], direct: dict[int, float]) -> dict | None:
+    """What one request through the service costs over the same direct ``Segmenter`` call (ms): median,
+    min and max of the back-to-back differences."""
+    pairs = sorted(1000 * (outcomes[i].seconds - direct[i]) for i in direct if i in outcomes and
+                   outcomes[i].status == 200)
+    if not pairs:
+        return None
+    return {"median": round(statistics.median(pairs), 1), "min": round(pairs[0], 1), "max": round(pairs[-1], 1)}
 
 
 def _avx512() -> bool:
