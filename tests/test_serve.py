@@ -336,6 +336,21 @@ def test_registered_prompts_are_content_addressed_bounded_and_mode_checked(serve
     check_error(post_segment(url, [f["query2.png"]], data={"prompt_id": body["prompt_id"]}), 404, "register it again")
 
 
+def test_prepared_prompts_equal_the_prompts_and_keep_their_mode(segmenter, files):
+    """Segmenter.prepare_prompts (what /v1/prompts keeps) gives the same answers as the prompt files."""
+    f = files
+    prompts = [(f["prompt0.png"], f["classes0.png"]), (f["prompt2.png"], f["classes2.png"])]
+    prepared = segmenter.prepare_prompts(prompts, num_labels=3)
+    assert [p.num_labels for p in prepared] == [3, 3] and prepared[0].prompt_masks.shape == (3, 32, 32)
+    direct = segmenter.segment([f["query1.png"], f["query2.png"]], prompts=prompts, num_labels=3)
+    again = segmenter.segment([f["query1.png"], f["query2.png"]], prompts=prepared, num_labels=3)
+    for a, b in zip(direct, again):
+        np.testing.assert_array_equal(a.mask, b.mask)
+        np.testing.assert_array_equal(a.painted, b.painted)
+    with pytest.raises(ValueError, match="prepared for semantic mode with 3 labels cannot be used in binary mode"):
+        segmenter.segment(f["query1.png"], prompts=prepared)
+
+
 def test_demo_page_in_chromium_shows_the_api_mask(server, files, tmp_path):
     if not os.path.exists(CHROMIUM) or shutil.which("chromium") is None:
         pytest.skip(f"Debian's chromium is not installed ({CHROMIUM}); .ci/run installs it with apt-get")

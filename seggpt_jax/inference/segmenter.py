@@ -354,7 +354,9 @@ def compile_ahead(config, *, queries: int, prompts: int = 1, batch_size: int | N
 
 @functools.lru_cache(maxsize=64)
 def _palette(num_labels: int) -> np.ndarray:
-    return np.asarray(build_palette(num_labels), dtype=np.float32)
+    palette = np.asarray(build_palette(num_labels), dtype=np.float32)
+    palette.flags.writeable = False  # shared by every call
+    return palette
 
 
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
