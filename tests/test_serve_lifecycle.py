@@ -1,6 +1,6 @@
 """The service under pressure, as a real process: a full queue (429), a deadline (504), a client that
 goes away (dropped before the device), and SIGTERM during load (in-flight requests finish, new ones get
-503, exit 0). The server waits 2 s for fuller batches and queues 2 queries, so these states last long
+503, exit 0). The server waits 3 s for fuller batches and queues 2 queries, so these states last long
 enough to be observed without racing."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from benchmarks.serve_load import scrape
 from seggpt_jax import Segmenter
 from seggpt_jax_testing.serving import ServerProcess, session_cache, session_checkpoint
 
-WAIT_S = 2.0  # --max-wait-ms: a query that is alone waits this long for company
+WAIT_S = 3.0  # --max-wait-ms: a query that is alone waits this long for company
 
 
 @pytest.fixture(scope="module")
