@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 
-from . import common, convert, export, segment, train
+from . import common, convert, export, segment, serve, train
 from .common import UserError
 
 EXIT_ERROR = 1
@@ -39,6 +39,7 @@ def build_parser() -> common.Parser:
     train.add_commands(sub)
     convert.add_commands(sub)
     export.add_commands(sub)
+    serve.add_commands(sub)
     return parser
 
 

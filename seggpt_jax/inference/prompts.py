@@ -24,6 +24,16 @@ class Prompt:
     mask: Any
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class PreparedPrompt:
+    """One prompt already preprocessed (:meth:`Segmenter.prepare_prompts`): ``[3, h, w]`` float32 model
+    inputs, for binary mode (``num_labels=None``) or semantic mode with ``num_labels`` classes."""
+
+    prompt_pixel_values: np.ndarray
+    prompt_masks: np.ndarray
+    num_labels: int | None = None
+
+
 def _is_image_like(value: Any) -> bool:
     return isinstance(value, (str, os.PathLike, Image.Image, np.ndarray)) or hasattr(value, "__array__")
 
@@ -79,6 +89,10 @@ def _name(value: Any) -> str:
     return os.fspath(value) if isinstance(value, (str, os.PathLike)) else ""
 
 
+def _mode(num_labels: int | None) -> str:
+    return "binary mode" if num_labels is None else f"semantic mode with {num_labels} labels"
+
+
 class PromptPreparer:
     """Prompt -> ``([3, h, w] image, [3, h, w] mask)`` float32 model inputs, computed once per prompt
     object and mode."""
@@ -90,6 +104,9 @@ class PromptPreparer:
         self._cache: dict[int, tuple[Any, tuple[np.ndarray, np.ndarray]]] = {}
 
     def __call__(self, prompt: Any) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(prompt, PreparedPrompt) and prompt.num_labels != self.num_labels:
+            raise ValueError(f"a prompt prepared for {_mode(prompt.num_labels)} cannot be used in "
+                             f"{_mode(self.num_labels)}; prepare it again for this mode")
         if _is_prepared(prompt):
             return np.asarray(prompt.prompt_pixel_values), np.asarray(prompt.prompt_masks)
         cached = self._cache.get(id(prompt))

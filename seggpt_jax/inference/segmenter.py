@@ -15,6 +15,7 @@ a stream (any iterable), read and segmented batch by batch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import threading
@@ -30,7 +31,7 @@ from ..imaging.masks import ColourMap, build_palette
 from ..imaging.processor import (SegGptImageProcessor, painted_query, palette_distances, resize_nearest,
                                  smallest_uint)
 from ..nn.inputs import EMBEDDING_TYPES, ENSEMBLE_MODES
-from .prompts import PromptPreparer, is_per_query, normalise_prompts
+from .prompts import PreparedPrompt, PromptPreparer, is_per_query, normalise_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def result_from_painted(picture: np.ndarray, size: tuple[int, int], *, num_label
     transformers' post-processing, which resizes first). Only the answer's own dtype (bool, or the
     smallest unsigned integer for the classes) is made at full size.
     """
-    palette = np.asarray(build_palette(1 if num_labels is None else num_labels), dtype=np.float32)
+    palette = _palette(1 if num_labels is None else num_labels)
     distance = palette_distances(picture, palette)  # [h, w, L+1]
     classes = distance.argmin(-1).astype(smallest_uint(len(palette)))
     small = classes == 1 if num_labels is None else classes
@@ -232,8 +233,8 @@ class Segmenter:
                 if isinstance(item, InputFailure):
                     yield item
                     continue
-                yield result_from_painted(next(painted), item.size, num_labels=None if binary else num_labels,
-                                          return_scores=return_scores, source=item.source)
+                yield self.finish(next(painted), item.size, num_labels=None if binary else num_labels,
+                                  return_scores=return_scores, source=item.source)
             done += len(pending)
             pending.clear()
             if progress is not None:
@@ -271,13 +272,54 @@ class Segmenter:
                 rows_pi.append(image)
                 rows_pm.append(mask)
                 rows_type.append(query.instance)
-        real = len(rows_q)
-        target = max(1, self.batch_size // count) * count if pad and self.pad_batches else real
-        for rows in (rows_q, rows_pi, rows_pm, rows_type):
-            rows.extend(rows[real - count:real] * ((target - real) // count))
-        painted = self.paint_rows(np.stack(rows_q), np.stack(rows_pi), np.stack(rows_pm), np.asarray(rows_type),
-                                  prompts_per_query=count, ensemble_mode=ensemble_mode)
-        return [painted[i * count] for i in range(len(queries))]
+        rows = max(1, self.batch_size // count) * count if pad and self.pad_batches else None
+        return list(self.paint_batch(np.stack(rows_q), np.stack(rows_pi), np.stack(rows_pm), np.asarray(rows_type),
+                                     prompts_per_query=count, ensemble_mode=ensemble_mode, rows=rows))
+
+    # ------------------------------------------------------------------------------ the steps, one by one
+    # What a server (seggpt_jax.serve) calls: prepare_query and prepare_prompts on worker threads,
+    # paint_batch on the one device thread, finish on the workers again.
+    def prepare_prompts(self, prompts: Any, *, num_labels: int | None = None,
+                        colour_map: ColourMap | Mapping | str | None = None) -> list[PreparedPrompt]:
+        """The prompts (the forms :meth:`segment` accepts, shared by all queries) preprocessed once: model
+        inputs for binary mode, or for semantic mode with ``num_labels``. :meth:`segment` takes the list
+        back as its ``prompts`` (with the same ``num_labels``). Only the prompt's preprocessing is kept:
+        prompt and query share one canvas, so the model itself runs again for every query."""
+        prepare = PromptPreparer(self.processor, num_labels, colour_map)
+        return [PreparedPrompt(*prepare(prompt), num_labels=num_labels)
+                for prompt in normalise_prompts(prompts, None)]
+
+    def paint_batch(self, pixel_values: np.ndarray, prompt_pixel_values: np.ndarray, prompt_masks: np.ndarray,
+                    is_instance: np.ndarray, *, prompts_per_query: int = 1, ensemble_mode: str | None = None,
+                    rows: int | None = None) -> np.ndarray:
+        """One forward over prepared rows -> each query's painted ``[queries, 3, h, w]`` in ``[0, 255]``.
+
+        Args:
+            pixel_values, prompt_pixel_values, prompt_masks: ``[R, 3, h, w]`` float32 rows, query by query:
+                each query repeated once per prompt, ``prompts_per_query`` consecutive rows per query.
+            is_instance: ``[R]`` bool, the embedding type of each row (True: instance).
+            rows: pad to this many rows (a multiple of ``prompts_per_query``) by repeating the last
+                query, so that batches of any size run one compiled shape.
+        """
+        count, real = prompts_per_query, len(pixel_values)
+        target = real if rows is None else rows
+        if real == 0 or real % count or target < real or target % count:
+            raise ValueError(f"paint_batch: {real} rows padded to {target} do not make whole queries of "
+                             f"{count} prompt{'s' if count > 1 else ''}")
+        arrays = [pixel_values, prompt_pixel_values, prompt_masks, np.asarray(is_instance)]
+        if target > real:
+            arrays = [np.concatenate([a, np.concatenate([a[real - count:real]] * ((target - real) // count))])
+                      for a in arrays]
+        painted = self.paint_rows(*arrays, prompts_per_query=count,
+                                  ensemble_mode=self.ensemble_mode if ensemble_mode is None else ensemble_mode)
+        return painted[:real:count]
+
+    def finish(self, painted: np.ndarray, size: tuple[int, int], *, num_labels: int | None = None,
+               return_scores: bool = False, source: str | None = None) -> SegmentationResult:
+        """A query's painted ``[3, h, w]`` (from :meth:`paint_batch`) -> its result at the original ``size``:
+        a boolean foreground without ``num_labels``, class ids ``0..num_labels`` with it
+        (:func:`result_from_painted`)."""
+        return result_from_painted(painted, size, num_labels=num_labels, return_scores=return_scores, source=source)
 
     @property
     def shapes_run(self) -> frozenset[tuple[int, int]]:
@@ -362,6 +404,13 @@ def compile_ahead(config, **kwargs: Any) -> Callable[[], None]:
     thread = threading.Thread(target=run, name="seggpt-jax-compile", daemon=True)
     thread.start()
     return thread.join
+
+
+@functools.lru_cache(maxsize=64)
+def _palette(num_labels: int) -> np.ndarray:
+    palette = np.asarray(build_palette(num_labels), dtype=np.float32)
+    palette.flags.writeable = False  # shared by every call
+    return palette
 
 
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
