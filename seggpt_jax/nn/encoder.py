@@ -100,33 +100,59 @@ def layer_segments(num_layers: int, merge_index: int, taps) -> list[tuple[int, i
     return segments
 
 
+def _stack(layers: list[SegGptLayer]) -> SegGptLayer:
+    """One module of ``layers``' graph whose parameters hold theirs stacked on a leading layer axis."""
+    graphdef = nnx.graphdef(layers[0])
+    states = [nnx.state(layer) for layer in layers]
+    return nnx.merge(graphdef, jax.tree.map(lambda *rows: jnp.stack(rows), *states))
+
+
 class SegGptEncoder(nnx.Module):
     """transformers' ``SegGptEncoder``: the layers, the merge of the two streams after ``merge_index``,
     and the final LayerNorm applied to every decoder tap.
 
-    Layers run segment by segment (:func:`layer_segments`); with ``runtime.scan_layers`` a segment of
-    several layers is one ``lax.scan`` over their weights, stacked for the scan in each forward (see
-    :class:`~seggpt_jax.RuntimeConfig` for what that costs).
+    Layers run segment by segment (:func:`layer_segments`). Unscanned (``scan_layers=False``) they are
+    ``layers.{i}``. Scanned, each segment is one stack (``stacks.{first layer}``: a layer module whose
+    parameters have a leading layer axis, :mod:`seggpt_jax.stacking`) run as one ``lax.scan`` over its
+    parameters as they are stored: nothing is stacked or copied per call. Either way a seed gives the
+    same weights: the layers are drawn one by one, then stacked.
     """
 
-    def __init__(self, config: SegGptConfig, *, param_dtype: Any, rngs: nnx.Rngs):
+    def __init__(self, config: SegGptConfig, *, param_dtype: Any, rngs: nnx.Rngs, scan_layers: bool = False):
         self.config = config
-        self.layers = nnx.List([SegGptLayer(config, param_dtype=param_dtype, rngs=rngs)
-                                for _ in range(config.num_hidden_layers)])
+        layers = [SegGptLayer(config, param_dtype=param_dtype, rngs=rngs) for _ in range(config.num_hidden_layers)]
+        if scan_layers:
+            self.stacks = nnx.Dict({str(start): _stack(layers[start:stop]) for start, stop in self.segments()})
+        else:
+            self.layers = nnx.List(layers)
         self.layernorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, param_dtype=param_dtype)
+
+    def segments(self) -> list[tuple[int, int]]:
+        config = self.config
+        return layer_segments(config.num_hidden_layers, config.merge_index, set(config.intermediate_hidden_state_indices))
+
+    @property
+    def scanned(self) -> bool:
+        """Whether the layers are held stacked (built with ``scan_layers=True``)."""
+        return hasattr(self, "stacks")
 
     def __call__(self, x: Array, settings: ModelSettings, options: ForwardOptions,
                  dropout_rng: Array | None = None, prompt_valid: Array | None = None) -> SegGptEncoderOutput:
         # x: [2B, h, w, C]
         config = self.config
         merge, taps = config.merge_index, set(config.intermediate_hidden_state_indices)
+        if settings.runtime.scan_layers != self.scanned:
+            raise ValueError(f"the encoder holds its layers {'stacked' if self.scanned else 'one by one'} but the "
+                             f"settings say scan_layers={settings.runtime.scan_layers}; change it with "
+                             f"model.with_runtime(scan_layers=...), which converts the parameters")
+        layers = config.num_hidden_layers
         rates = jnp.asarray(config.drop_path_rates(), jnp.float32)  # [layers]
         keys = None
         if dropout_rng is not None:
-            keys = jax.random.split(dropout_rng, 2 * len(self.layers)).reshape(len(self.layers), 2)
+            keys = jax.random.split(dropout_rng, 2 * layers).reshape(layers, 2)
         prompts = options.prompts_per_query or x.shape[0] // 2  # x holds both streams until the merge
         hidden_states, intermediate = [], []
-        for start, stop in layer_segments(len(self.layers), merge, taps):
+        for start, stop in self.segments():
             ensemble = None
             if options.feature_ensemble:
                 ensemble = functools.partial(average_prompt_features, layer=start, merge_index=merge,
@@ -149,13 +175,16 @@ class SegGptEncoder(nnx.Module):
 
     def _run_layers(self, x: Array, settings: ModelSettings, start: int, stop: int, ensemble, rates: Array,
                     keys: Array | None, collect: bool) -> tuple[Array, list[Array]]:
-        """Layers ``[start, stop)``, unrolled or as one ``lax.scan``; also returns each layer's input.
+        """Layers ``[start, stop)``, one by one or (scanned) as one ``lax.scan`` over their stack; also
+        returns each layer's input.
 
         With a remat policy each layer is one :func:`~seggpt_jax.nn.ops.remat` call over its parameters:
         the backward pass recomputes it from what the policy saves, one layer at a time."""
         runtime = settings.runtime
-        splits = [nnx.split(self.layers[i]) for i in range(start, stop)]
-        graphdef = splits[0][0]  # every layer has the same graph
+        if self.scanned:
+            graphdef, stacked = nnx.split(self.stacks[str(start)])  # leaves [stop - start, ...]
+        else:
+            graphdef = nnx.graphdef(self.layers[start])  # every layer has the same graph
 
         def apply(state: nnx.State, h: Array, rate: Array, layer_keys: Array | None) -> Array:
             return nnx.merge(graphdef, state)(h, settings, ensemble=ensemble, drop_rate=rate,
@@ -164,15 +193,16 @@ class SegGptEncoder(nnx.Module):
 
         if runtime.remat_policy is not None:
             apply = remat(apply, remat_policy(runtime.remat_policy))
-        if not runtime.scan_layers or stop - start == 1:
+        if not self.scanned or stop - start == 1:
             inputs = []
-            for i, (_, state) in zip(range(start, stop), splits):
+            for i in range(start, stop):
                 if collect:
                     inputs.append(x)
+                # a stack of one layer: its row, a reshape of the stored array (no copy)
+                state = jax.tree.map(lambda a: a[0], stacked) if self.scanned else nnx.state(self.layers[i])
                 x = apply(state, x, rates[i], None if keys is None else keys[i])
             return x, inputs
 
-        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(state for _, state in splits))  # [n, ...]
         xs = (stacked, rates[start:stop], None if keys is None else keys[start:stop])
 
         def body(h, step):

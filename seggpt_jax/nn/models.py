@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..config import SegGptConfig
+from .. import stacking
 from ..runtime import RuntimeConfig
 from ..weights.pretrained import PretrainedMixin
 from .encoder import ModelOutput, SegGptEncoder, SegGptEncoderOutput
@@ -78,9 +79,9 @@ class SegGptBackbone(nnx.Module):
     """The modules of transformers' ``SegGptModel`` (embeddings + encoder), without settings of their
     own: the painter's ``model`` (checkpoint paths ``model.embeddings...``, ``model.encoder...``)."""
 
-    def __init__(self, config: SegGptConfig, *, param_dtype: Any, rngs: nnx.Rngs):
+    def __init__(self, config: SegGptConfig, *, param_dtype: Any, rngs: nnx.Rngs, scan_layers: bool = False):
         self.embeddings = SegGptEmbeddings(config, param_dtype=param_dtype, rngs=rngs)
-        self.encoder = SegGptEncoder(config, param_dtype=param_dtype, rngs=rngs)
+        self.encoder = SegGptEncoder(config, param_dtype=param_dtype, rngs=rngs, scan_layers=scan_layers)
 
     def encode(self, inputs: dict[str, Any], options: ForwardOptions, settings: ModelSettings) -> SegGptEncoderOutput:
         """Traceable forward on prepared inputs (see :func:`seggpt_jax.nn.inputs.prepare`)."""
@@ -127,9 +128,18 @@ class _Model(PretrainedMixin):
         By default the new model has its own Variables: updating one's parameters leaves the other's
         alone (a step that *donates* the arrays would invalidate both, as they start out the same
         arrays). With ``shared=True`` it is a view over this model's Variables: training the view trains
-        this model, as :class:`~seggpt_jax.train.Trainer` does with its training settings."""
+        this model, as :class:`~seggpt_jax.train.Trainer` does with its training settings.
+
+        Switching ``runtime.scan_layers`` changes how the parameters are held (stacked per scanned
+        segment, or one layer at a time: :mod:`seggpt_jax.stacking`): the new model gets them
+        restacked or unstacked, a copy, so ``shared=True`` is refused there."""
         settings = dataclasses.replace(self.settings, **changes)
         graphdef, state = nnx.split(self)
+        if settings.runtime.scan_layers != self.settings.runtime.scan_layers:
+            if shared:
+                raise ValueError("shared=True needs the same parameter layout, but scan_layers changes it (stacked "
+                                 "vs one array per layer); build the new model with shared=False")
+            graphdef, state = _restacked(self, state, settings)
         model = nnx.merge(graphdef, state, copy=not shared)
         model.settings = settings
         return model
@@ -147,6 +157,20 @@ class _Model(PretrainedMixin):
         return nnx.merge(graphdef, jax.tree.map(lambda value: value.astype(dtype), state))
 
 
+def _restacked(model: _Model, state: nnx.State, settings: ModelSettings) -> tuple[nnx.GraphDef, nnx.State]:
+    """``model``'s parameters in the layout of a model of the same class built with ``settings``: the
+    graph of that model and ``state`` restacked or unstacked into it (new arrays)."""
+    kind = type(model)
+    abstract = nnx.eval_shape(lambda: kind(model.config, runtime=settings.runtime, rngs=nnx.Rngs(0)))
+    graphdef, target = nnx.split(abstract)
+    flat = nnx.to_flat_state(target)
+    source = {stacking.join(path): var.get_value() for path, var in nnx.to_flat_state(state)}
+    shapes = {stacking.join(path): tuple(var.shape) for path, var in flat}
+    values = stacking.to_layout(source, shapes, jnp.stack)
+    leaves = [(path, var.replace(values[stacking.join(path)])) for path, var in flat]
+    return graphdef, nnx.from_flat_state(leaves)
+
+
 class SegGptModel(_Model, SegGptBackbone):
     """The SegGPT encoder (embeddings + transformer), transformers' ``SegGptModel``; returns
     :class:`SegGptEncoderOutput`."""
@@ -156,7 +180,8 @@ class SegGptModel(_Model, SegGptBackbone):
     def __init__(self, config: SegGptConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                  precision: Any = None, runtime: RuntimeConfig | None = None, rngs: nnx.Rngs):
         self._init_settings(config, dtype, precision, runtime)
-        SegGptBackbone.__init__(self, config, param_dtype=param_dtype, rngs=rngs)
+        SegGptBackbone.__init__(self, config, param_dtype=param_dtype, rngs=rngs,
+                                scan_layers=self.settings.runtime.scan_layers)
 
     def forward_prepared(self, inputs: dict[str, Any], options: ForwardOptions) -> SegGptEncoderOutput:
         """Traceable forward on prepared inputs (see :func:`seggpt_jax.nn.inputs.prepare`)."""
@@ -187,7 +212,8 @@ class SegGptForImageSegmentation(_Model, nnx.Module):
     def __init__(self, config: SegGptConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                  precision: Any = None, runtime: RuntimeConfig | None = None, rngs: nnx.Rngs):
         self._init_settings(config, dtype, precision, runtime)
-        self.model = SegGptBackbone(config, param_dtype=param_dtype, rngs=rngs)
+        self.model = SegGptBackbone(config, param_dtype=param_dtype, rngs=rngs,
+                                    scan_layers=self.settings.runtime.scan_layers)
         self.decoder = SegGptDecoder(config, param_dtype=param_dtype, rngs=rngs)
 
     def forward_prepared(self, inputs: dict[str, Any], options: ForwardOptions) -> SegGptImageSegmentationOutput:
