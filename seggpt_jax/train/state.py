@@ -2,7 +2,8 @@
 
 * :func:`save_tree` / :func:`load_tree`: a pytree (an ``nnx.Optimizer``'s state, an optax state, a
   dict of prompt arrays) as safetensors, each array keyed by its pytree path
-  (``opt_state.0.mu.model.encoder.layers.3.attention.qkv.kernel.value``). Loading matches keys
+  (``opt_state.0.mu.model.encoder.layers.3.attention.qkv.kernel.value``; a scanned model's stacked
+  parameters by layer, so the file does not depend on the layout). Loading matches keys
   against a template of the same structure, so a changed optimizer is reported by name, never read
   by position.
 * :func:`write_folder` fills a staging folder and swaps it in; with the run's ``latest`` pointer
@@ -21,29 +22,35 @@ from typing import Any
 import jax
 import numpy as np
 
+from .. import stacking
 from ..files import atomic_save, replace_folder as write_folder, text_writer, write_json  # noqa: F401 (re-exported)
 from ..weights import read_safetensors
 
 LATEST = "latest"
 
 
-def _key(path: tuple) -> str:
-    return ".".join(str(getattr(part, "key", getattr(part, "idx", getattr(part, "name", part)))) for part in path)
+_key = stacking.join
 
 
 def tree_arrays(tree: Any) -> dict[str, np.ndarray]:
-    """``{path: host array}`` for every leaf of ``tree``."""
+    """``{path: host array}`` for every leaf of ``tree``; a stacked layer parameter of a scanned model
+    (and its optimizer moments) by layer, under the per-layer paths (:mod:`seggpt_jax.stacking`), so the
+    files are the same whether the model was scanned or not."""
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {_key(path): np.asarray(jax.device_get(leaf)) for path, leaf in leaves}
+    return stacking.per_layer({_key(path): np.asarray(jax.device_get(leaf)) for path, leaf in leaves})
 
 
-def save_tree(path: str, tree: Any, metadata: dict[str, str] | None = None, *, output=None) -> None:
+def save_tree(path: str, tree: Any, metadata: dict[str, str] | None = None, *, output=None,
+              omit: Callable[[str], bool] | None = None) -> None:
     """Write ``tree``'s arrays keyed by path (atomically) with string ``metadata`` in the header;
     through ``output`` (an :class:`~seggpt_jax.files.OutputFolder` holding ``path``) when given, so that
-    the file is recorded as the tool's and never replaces someone else's."""
+    the file is recorded as the tool's and never replaces someone else's. Keys for which ``omit`` is
+    true are left out (zeros by contract: :func:`load_tree` gives them back as zeros)."""
     from safetensors.numpy import save_file
 
     arrays = tree_arrays(tree)
+    if omit is not None:
+        arrays = {key: array for key, array in arrays.items() if not omit(key)}
     save_output(path, lambda tmp: save_file(arrays, tmp, metadata=metadata), output)
 
 
@@ -56,20 +63,25 @@ def save_output(path: str, write, output=None) -> None:
         output.write(os.path.basename(path), write, replace=True)
 
 
-def load_tree(path: str, template: Any) -> tuple[Any, dict[str, str]]:
-    """The tree saved at ``path``, with ``template``'s structure (and dtypes), and the file's metadata."""
+def load_tree(path: str, template: Any, *, omit: Callable[[str], bool] | None = None) -> tuple[Any, dict[str, str]]:
+    """The tree saved at ``path``, with ``template``'s structure (and dtypes), and the file's metadata.
+    Keys for which ``omit`` is true and that the file lacks are zeros (see :func:`save_tree`)."""
     arrays, metadata = read_safetensors(path)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
-    expected = {_key(p): leaf for p, leaf in leaves}
+    shapes = {_key(p): tuple(np.shape(leaf)) for p, leaf in leaves}
+    expected = stacking.per_layer({k: np.broadcast_to(np.float32(0), shape) for k, shape in shapes.items()})
+    if omit is not None:
+        arrays.update({k: np.zeros(v.shape, np.float32) for k, v in expected.items() if k not in arrays and omit(k)})
     missing = sorted(set(expected) - set(arrays))
     unexpected = sorted(set(arrays) - set(expected))
-    wrong = [f"{k}: file {arrays[k].shape}, expected {tuple(np.shape(expected[k]))}" for k in expected
-             if k in arrays and arrays[k].shape != tuple(np.shape(expected[k]))]
+    wrong = [f"{k}: file {arrays[k].shape}, expected {expected[k].shape}" for k in expected
+             if k in arrays and arrays[k].shape != expected[k].shape]
     if missing or unexpected or wrong:
         problems = [f"{title} {items[:5]}{' ...' if len(items) > 5 else ''}"
                     for title, items in (("missing", missing), ("unexpected", unexpected), ("shapes", wrong)) if items]
         raise ValueError(f"{path} does not match this state (was the optimizer or the trainable set changed?): "
                          + "; ".join(problems))
+    arrays = stacking.stacked_like(arrays, shapes, np.stack)
     values = [np.asarray(arrays[_key(p)]).astype(np.asarray(leaf).dtype) for p, leaf in leaves]
     return jax.tree_util.tree_unflatten(treedef, values), metadata
 

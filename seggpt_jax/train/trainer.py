@@ -31,6 +31,7 @@ import os
 import re
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from .. import stacking
 from ..config import SegGptConfig
 from ..runtime import RuntimeConfig
 from ..data import Augment, Dataset, Prefetcher, resize_valid
@@ -105,12 +107,28 @@ def _path(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
+def trainable_rows(spec: str, name: str, shape: tuple[int, ...]) -> list[bool]:
+    """Which layers of the parameter at dotted path ``name`` ``spec`` selects: one flag, or, for a stacked
+    parameter of a scanned model (:mod:`seggpt_jax.stacking`), one per row.
+
+    ``spec`` is ``"all"``, ``"decoder"``, or a regex searched in each *layer path*
+    (``model.encoder.layers.21.mlp.lin1.kernel``), whatever the model's layout: ``r"encoder\.layers\.2[0-3]\."``
+    means layers 20 to 23 in a scanned model too."""
+    names = stacking.layer_paths(name, shape[0] if stacking.stack_start(name) is not None else 1)
+    if spec == "all":
+        return [True] * len(names)
+    pattern = re.compile(r"^decoder\." if spec == "decoder" else spec)
+    return [bool(pattern.search(n)) for n in names]
+
+
 def trainable_filter(spec: str):
-    """An NNX filter over parameters: ``"all"``, ``"decoder"``, or a regex searched in the dotted path."""
+    """An NNX filter over parameters: ``"all"``, ``"decoder"``, or a regex searched in the dotted layer path
+    (:func:`trainable_rows`). A stacked parameter passes when the regex selects any of its layers;
+    :func:`make_optimizer` then updates only the rows of the selected layers."""
     if spec == "all":
         return nnx.Param
-    pattern = re.compile(r"^decoder\." if spec == "decoder" else spec)
-    return nnx.All(nnx.Param, lambda path, value: bool(pattern.search(_path(path))))
+    re.compile(spec)  # validates
+    return nnx.All(nnx.Param, lambda path, value: any(trainable_rows(spec, stacking.join(path), tuple(value.shape))))
 
 
 def check_trainable(config: SegGptConfig, spec: str) -> int:
@@ -123,7 +141,7 @@ def check_trainable(config: SegGptConfig, spec: str) -> int:
         layer = re.compile(r"\.layers\.(\d+)\.")
         shown = [p for p in paths if not layer.search(p) or ".layers.0." in p]
         raise ValueError(f"{spec!r} selects no parameter, so nothing would be trained; it is a regex searched in "
-                         f"the parameter paths, which are: {', '.join(shown)} (and the same for every layer "
+                         f"the per-layer parameter paths, which are: {', '.join(shown)} (and the same for every layer "
                          f"0..{config.num_hidden_layers - 1}); or 'all', or 'decoder'")
     return len(selected)
 
@@ -135,6 +153,49 @@ def _build(config: SegGptConfig):
 def _no_decay(name: str) -> bool:
     return ("position_embeddings" in name or "_token" in name or "rel_pos" in name or name.endswith(".bias")
             or name.endswith(".scale"))
+
+
+def _per_row(name: str, shape: tuple[int, ...], values: list) -> Any:
+    """One value per layer of a parameter as a multiplier of its updates: the value itself for one
+    layer, a ``[rows, 1, ...]`` float32 array for a stacked parameter."""
+    if stacking.stack_start(name) is None:
+        return values[0]
+    return np.asarray(values, np.float32).reshape((len(values),) + (1,) * (len(shape) - 1))
+
+
+def _scale_updates(factors) -> optax.GradientTransformation:
+    """Multiply each update by its factor (a float or an array that broadcasts); ``None``: leave it."""
+    def update(updates, state, params=None):
+        return jax.tree.map(lambda u, f: u if f is None else u * f, updates, factors), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def _named_shapes(leaves) -> list[tuple[str, tuple[int, ...]]]:
+    return [(stacking.join(path), tuple(value.shape)) for path, value in leaves]
+
+
+def frozen_layers(model: nnx.Module, spec: str) -> set[str]:
+    """The per-layer paths of the rows that a scanned model holds in a trained stacked parameter but that
+    ``spec`` does not select (:func:`trainable_rows`): their gradients, moments and updates are zeros."""
+    leaves = nnx.to_flat_state(nnx.state(model, trainable_filter(spec)))
+    frozen = set()
+    for name, shape in _named_shapes(leaves):
+        names = stacking.layer_paths(name, shape[0]) if stacking.stack_start(name) is not None else [name]
+        frozen.update(n for n, selected in zip(names, trainable_rows(spec, name, shape)) if not selected)
+    return frozen
+
+
+def _frozen_rows(tx: optax.GradientTransformation, masks) -> optax.GradientTransformation:
+    """``tx`` with the gradients and the updates multiplied by ``masks`` (0/1 per row; ``None``: all
+    rows train). Its state is ``tx``'s own."""
+    scale = _scale_updates(masks)
+
+    def update(updates, state, params=None):
+        updates, state = tx.update(scale.update(updates, None)[0], state, params)
+        return scale.update(updates, None)[0], state
+
+    return optax.GradientTransformation(tx.init, update)
 
 
 def _layer_scale(name: str, layers: int, decay: float) -> float:
@@ -158,22 +219,32 @@ def make_optimizer(model: nnx.Module, config: TrainConfig) -> nnx.Optimizer:
         schedule = optax.cosine_decay_schedule(config.learning_rate, max(config.steps, 1),
                                                alpha=config.min_learning_rate / config.learning_rate)
     wrt = trainable_filter(config.trainable)
-    params = nnx.state(model, wrt)
-    names = jax.tree_util.tree_map_with_path(lambda path, _: ".".join(str(getattr(k, "key", getattr(k, "idx", k)))
-                                                                      for k in path), nnx.as_pure(params))
-    decay_mask = jax.tree.map(lambda name: not _no_decay(name), names)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(nnx.as_pure(nnx.state(model, wrt)))
+    params = _named_shapes(leaves)
+
+    def tree(fn) -> Any:
+        return jax.tree_util.tree_unflatten(treedef, [fn(name, shape) for name, shape in params])
+
+    decay_mask = tree(lambda name, _: not _no_decay(name))  # the same for every layer of a stack
+    # A scanned model's stacked parameter of which the regex selects only some layers: the other rows'
+    # gradients are zeroed before clipping and Adam (so their moments stay 0), and their updates after
+    # weight decay, so those layers stay exactly as they are, as they would unscanned.
+    # The optimizer state is the same either way, so training state moves between layouts.
+    flags = {name: trainable_rows(config.trainable, name, shape) for name, shape in params}
+    masks = tree(lambda name, shape: None if all(flags[name]) else _per_row(name, shape, flags[name]))
     chain = []
     if config.grad_clip:
         chain.append(optax.clip_by_global_norm(config.grad_clip))
     chain.append(optax.adamw(schedule, b1=config.betas[0], b2=config.betas[1], weight_decay=config.weight_decay,
                              mask=decay_mask))
     if config.layer_decay is not None:
-        layers = model.config.num_hidden_layers
-        scales = jax.tree.map(lambda name: _layer_scale(name, layers, config.layer_decay), names)
-        chain.append(optax.GradientTransformation(
-            lambda _: optax.EmptyState(),
-            lambda updates, state, params=None: (jax.tree.map(lambda u, s: u * s, updates, scales), state)))
-    return nnx.Optimizer(model, optax.chain(*chain), wrt=wrt)
+        layers, decay = model.config.num_hidden_layers, config.layer_decay
+        chain.append(_scale_updates(tree(lambda name, shape: _per_row(
+            name, shape, [_layer_scale(n, layers, decay) for n in stacking.layer_paths(name, shape[0] if shape else 1)]))))
+    tx = optax.chain(*chain)
+    if not all(all(f) for f in flags.values()):
+        tx = _frozen_rows(tx, masks)
+    return nnx.Optimizer(model, tx, wrt=wrt)
 
 
 # ------------------------------------------------------------------------------------ batches
@@ -311,7 +382,17 @@ class Trainer:
         self._wrt = trainable_filter(config.trainable)
         self._key = jax.random.key(config.seed)
         self._step_fn = None
+        self._frozen: set[str] | None = None
         self.history: list[dict] = []
+
+    def _untrained_state(self, key: str) -> bool:
+        """Whether an optimizer-state key (per layer) belongs to a frozen row of a stacked parameter
+        (:func:`frozen_layers`): always zero, and left out of the file, which is then the same as an
+        unscanned model's."""
+        if self._frozen is None:
+            self._frozen = frozen_layers(self.model, self.config.trainable)
+        key = key.removesuffix(".value")
+        return any(key == name or key.endswith("." + name) for name in self._frozen)
 
     def train_step(self, batch: dict) -> float:
         if self._step_fn is None:
@@ -370,7 +451,8 @@ class Trainer:
 
         def fill(staging: str) -> None:
             self.model.save_pretrained(os.path.join(staging, "model"))
-            save_tree(os.path.join(staging, "optimizer.safetensors"), nnx.state(self.optimizer))
+            save_tree(os.path.join(staging, "optimizer.safetensors"), nnx.state(self.optimizer),
+                      omit=self._untrained_state)
             write_json(os.path.join(staging, "trainer.json"),
                        {"step": self.step_count, "config": self.config.to_json(), "history": self.history})
 
@@ -386,8 +468,11 @@ class Trainer:
 
     @classmethod
     def restore(cls, path: str, *, batches: Callable[[int], dict] | None = None,
-                config: TrainConfig | None = None) -> "Trainer":
-        """Resume from a :meth:`save` folder, a run folder (its ``latest`` checkpoint) or its ``latest`` file."""
+                config: TrainConfig | None = None, runtime: RuntimeConfig | None = None) -> "Trainer":
+        """Resume from a :meth:`save` folder, a run folder (its ``latest`` checkpoint) or its ``latest`` file.
+
+        ``runtime``: the model's :class:`RuntimeConfig` (e.g. ``scan_layers=True``); a checkpoint holds
+        no layout of its own, so a run saved scanned resumes unscanned or scanned alike."""
         directory = resolve_checkpoint(path)
         meta_path = os.path.join(directory, "trainer.json")
         if not os.path.isfile(meta_path):
@@ -395,9 +480,10 @@ class Trainer:
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
         config = config or TrainConfig.from_json(meta["config"])
-        model = SegGptForImageSegmentation.from_pretrained(os.path.join(directory, "model"))
+        model = SegGptForImageSegmentation.from_pretrained(os.path.join(directory, "model"), runtime=runtime)
         trainer = cls(model, config, batches=batches, step=int(meta["step"]))
-        state, _ = load_tree(os.path.join(directory, "optimizer.safetensors"), nnx.state(trainer.optimizer))
+        state, _ = load_tree(os.path.join(directory, "optimizer.safetensors"), nnx.state(trainer.optimizer),
+                             omit=trainer._untrained_state)
         nnx.update(trainer.optimizer, state)
         trainer.history = meta.get("history", [])
         return trainer
