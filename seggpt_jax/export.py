@@ -17,7 +17,9 @@ The folder (every file written atomically; files the tool did not write are neve
 * ``forward.jaxexport``: ``jax.export.Exported.serialize()`` of ``forward(weights, pixel_values,
   prompt_pixel_values, prompt_masks, is_instance) -> pred_masks`` at fixed shapes;
 * ``model.safetensors`` + ``config.json``: the weights keyed by parameter path (our own checkpoint
-  layout, so ``SegGptForImageSegmentation.from_pretrained(OUT)`` reads the folder too);
+  layout, so ``SegGptForImageSegmentation.from_pretrained(OUT)`` reads the folder too); a scanned
+  model's program takes its stacked parameters whole, and ``export.json``'s ``stacked_weights`` names
+  the per-layer tensors of the file that :func:`load` stacks for each;
 * ``preprocessor_config.json``: the image processor's settings (transformers' keys);
 * ``export.json``: what a server needs without opening the rest: every input and output with its
   shape, dtype and meaning, the prompt count, image size, mean and std, platforms, attention kernel,
@@ -53,7 +55,8 @@ import jax.numpy as jnp
 import numpy as np
 
 FORMAT = "seggpt-jax-export"
-FORMAT_VERSION = 1
+#: 2: ``stacked_weights`` (a scanned model's program); an export without them is written as version 1.
+FORMAT_VERSION = 2
 PROGRAM_NAME = "forward.jaxexport"
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -173,6 +176,7 @@ def export_model(model: Any, batch_size: int, *, platforms: str | Sequence[str] 
     from flax import nnx
 
     from . import __version__
+    from . import stacking
     from .imaging.processor import SegGptImageProcessor
     from .nn.inputs import prepare
 
@@ -198,7 +202,11 @@ def export_model(model: Any, batch_size: int, *, platforms: str | Sequence[str] 
 
     graphdef, state = nnx.split(target)
     flat = list(nnx.to_flat_state(state))
-    names = [".".join(str(part) for part in path) for path, _ in flat]
+    names = [stacking.join(path) for path, _ in flat]
+    # A scanned model takes each stacked parameter whole; the weights file holds it per layer
+    # (save_pretrained), and export.json says which of its tensors to stack (load).
+    stacked = {name: stacking.layer_paths(name, var.get_value().shape[0]) for name, (_, var) in zip(names, flat)
+               if stacking.stack_start(name) is not None}
     stored = None if weights_dtype is None else jnp.dtype(weights_dtype)
     if all(var.get_value().dtype == stored for _, var in flat):
         stored = None  # already so: no cast, no copy
@@ -235,12 +243,14 @@ def export_model(model: Any, batch_size: int, *, platforms: str | Sequence[str] 
         "is_instance": "per query: True for the instance type embedding, False for semantic",
     }
     metadata = {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "format": FORMAT, "format_version": FORMAT_VERSION if stacked else 1,  # version 1 readers load the rest
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "files": {"program": PROGRAM_NAME, "weights": WEIGHTS_NAME, "config": CONFIG_NAME,
                   "processor": PROCESSOR_NAME},
         "call": "forward(weights, pixel_values, prompt_pixel_values, prompt_masks, is_instance) -> pred_masks; "
-                "weights: {parameter path: array} as in model.safetensors",
+                "weights: {parameter path: array} as in model.safetensors (stacked_weights: stacked from "
+                "the tensors listed)",
+        "stacked_weights": stacked,
         "platforms": list(targets), "attention": impls, "compute_dtype": dtype.name,
         "precision": None if precision is None else str(precision),
         "weights_dtype": sorted({jnp.dtype(s.dtype).name for s in weight_specs.values()}),
@@ -331,12 +341,15 @@ def load(path: str | os.PathLike) -> ServingModel:
     weights = {}
     # pread, as seggpt_jax.weights.readers.SafetensorsReader (which this file cannot import: see the
     # module docstring): each tensor read into its own array, not the whole file memory-mapped
+    stacked = metadata.get("stacked_weights") or {}  # program weight -> the file's tensors, stacked
     with safe_open(weights_path, "numpy", backend="pread") as reader:
-        missing = sorted(set(expected) - set(reader.keys()))
+        needed = [row for name in expected for row in stacked.get(name, [name])]
+        missing = sorted(set(needed) - set(reader.keys()))
         if missing:
             raise ValueError(f"{weights_path} lacks {len(missing)} weights the program takes, e.g. {missing[:3]}")
         for name, aval in expected.items():
-            array = reader.get_tensor(name)
+            array = np.stack([reader.get_tensor(row) for row in stacked[name]]) if name in stacked \
+                else reader.get_tensor(name)
             if array.shape != aval.shape or array.dtype != aval.dtype:
                 raise ValueError(f"{weights_path}: {name} is {array.dtype}{list(array.shape)}, the program takes "
                                  f"{aval.dtype}{list(aval.shape)}")

@@ -22,6 +22,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from . import stacking
+
 logger = logging.getLogger(__name__)
 
 DATA, MODEL = "data", "model"
@@ -56,12 +58,13 @@ def make_mesh(devices: list | None = None, *, model: int = 1) -> Mesh:
     return Mesh(grid, (DATA, MODEL))
 
 
-def _weight_spec(shape: tuple[int, ...], mesh: Mesh, layout: str) -> P:
+def _weight_spec(shape: tuple[int, ...], mesh: Mesh, layout: str, stacked: bool = False) -> P:
     if layout == "replicated":
         return P()
     size = mesh.shape[DATA]
     # FSDP: split the largest axis that the data axis divides; small or indivisible tensors replicate.
-    candidates = [i for i, d in enumerate(shape) if d % size == 0 and d >= size]
+    # Never the layer axis of a stacked parameter (a scanned model): each scan step takes one whole row.
+    candidates = [i for i, d in enumerate(shape) if d % size == 0 and d >= size and not (stacked and i == 0)]
     if not candidates or int(np.prod(shape)) < 4096:
         return P()
     axis = max(candidates, key=lambda i: shape[i])
@@ -78,13 +81,15 @@ def _global_array(value: jax.Array, sharding: NamedSharding) -> jax.Array:
 
 def shard_model(model: nnx.Module, mesh: Mesh, *, weights: str = "replicated") -> nnx.Module:
     """Place every parameter on ``mesh``, in place: ``"replicated"`` (a full copy per device) or
-    ``"fsdp"`` (each large tensor split over the data axis; XLA gathers it where it is used)."""
+    ``"fsdp"`` (each large tensor split over the data axis, along its largest divisible axis other than
+    a stacked parameter's layer axis; XLA gathers it where it is used)."""
     if weights not in WEIGHT_LAYOUTS:
         raise ValueError(f"weights must be one of {WEIGHT_LAYOUTS}, got {weights!r}")
     state = nnx.state(model)
-    for _, var in nnx.to_flat_state(state):
+    for path, var in nnx.to_flat_state(state):
         value = var[...]
-        var[...] = _global_array(value, NamedSharding(mesh, _weight_spec(tuple(value.shape), mesh, weights)))
+        stacked = stacking.stack_start(stacking.join(path)) is not None
+        var[...] = _global_array(value, NamedSharding(mesh, _weight_spec(tuple(value.shape), mesh, weights, stacked)))
     nnx.update(model, state)
     return model
 

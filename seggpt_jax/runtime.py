@@ -83,33 +83,16 @@ class RuntimeConfig:
             lowered and exported (``jax.export``) for a machine this one is not, e.g. a TPU program
             on a CPU host (:mod:`seggpt_jax.export`).
         scan_layers: run runs of identical layers with ``lax.scan`` (segments split at the merge
-            layer and at every decoder tap): one compiled layer per segment, same numbers. The
-            parameters keep their per-layer layout (checkpoints, ``flat_parameters``, optimizer state
-            and the trainer's per-layer rules see the same paths either way), so every forward stacks
-            each segment's weights for its scan. On ViT-L (float32, batch 1, CPU) that copies 1.08 GiB
-            per call (0.4-0.9 s on a loaded 2-core machine, where the whole forward takes 5-30 s) and
-            raises XLA's temporary memory from 0.27 to 1.23 GiB; measured with::
-
-                python - <<'EOF'
-                import time, jax, jax.numpy as jnp, numpy as np; from flax import nnx; import seggpt_jax as s
-                from seggpt_jax.nn.inputs import prepare; from seggpt_jax.nn.models import _forward_jit
-                c, z = s.SegGptConfig.vit_large(), np.zeros((1, 3, 448, 448), np.float32)
-                for scan in (False, True):  # XLA temporary memory of the forward, GiB
-                    m = nnx.eval_shape(lambda: s.SegGptForImageSegmentation(
-                        c, runtime=s.RuntimeConfig(scan_layers=scan), rngs=nnx.Rngs(0)))
-                    compiled = _forward_jit.lower(*nnx.split(m), *prepare(c, z, z, z)).compile()
-                    print(scan, compiled.memory_analysis().temp_size_in_bytes / 2**30)
-                layers = [nnx.state(l) for l in s.SegGptForImageSegmentation(c, rngs=nnx.Rngs(0)).model.encoder.layers]
-                runs = ((0, 2), (3, 6), (6, 12), (12, 18), (18, 24))  # the ViT-L segments of more than one layer
-                stack = jax.jit(lambda ls: [jax.tree.map(lambda *a: jnp.stack(a), *ls[i:j]) for i, j in runs])
-                jax.block_until_ready(stack(layers))
-                for _ in range(5):  # seconds per stacking
-                    t = time.perf_counter(); jax.block_until_ready(stack(layers)); print(time.perf_counter() - t)
-                EOF
-
-            So leave it off for inference. For training it pays: a ViT-L gradient with
-            ``remat_policy="dots"`` compiled in 21-22 s instead of 25-30 s, with 4.81 instead of
-            6.24 GiB of XLA temporaries (same machine, ``jax.jit(jax.grad(...)).lower(...).compile()``).
+            layer and at every decoder tap): one compiled layer per segment, same numbers. The model
+            then *holds* each segment's parameters stacked, one array with a leading layer axis per
+            parameter (``...encoder.stacks.{first layer}...``, :mod:`seggpt_jax.stacking`), and scans
+            over them as stored: the forward copies no weights and needs no more memory than the
+            unscanned one (``benchmarks/scan_memory.py``; figures in ``benchmarks/RESULTS.md``).
+            Outside the model nothing changes: checkpoints in every layout, training-state files,
+            trainable regexes and the layer-wise learning-rate decay name layers one by one
+            (``...encoder.layers.{i}...``), so scanned and unscanned models read and write the same
+            files. Switching it (``model.with_runtime(scan_layers=...)``) restacks or unstacks the
+            parameters into a new model; a seed builds the same weights either way.
         remat_policy: rematerialise each transformer layer in the backward pass (``None``: keep every
             activation the backward pass needs). The layer's input is always kept; the recomputation
             runs in the backward pass, one layer at a time, on every backend (:func:`seggpt_jax.nn.ops.remat`:

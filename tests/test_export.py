@@ -114,11 +114,14 @@ print(json.dumps({"shapes": results, "modules": loaded}))
 
 def test_cpu_artifact_runs_in_a_fresh_process_without_the_model(tmp_path):
     model = tiny_model()
-    cases = {"single": (1, ["instance", "semantic"]), "ensemble": (3, ["semantic", "instance"])}
+    scanned = model.with_runtime(scan_layers=True)  # its program takes the stacked parameters whole
+    cases = {"single": (model, 1, ["instance", "semantic"]), "ensemble": (model, 3, ["semantic", "instance"]),
+             "scanned": (scanned, 2, ["semantic", "instance"])}
     expected, folders = {}, []
-    for name, (prompts, types) in cases.items():
+    for name, (exporting, prompts, types) in cases.items():
         folder = str(tmp_path / name)
-        written = model.export(2, platforms="cpu", prompts_per_query=prompts, processor=tiny_processor()).save(folder)
+        written = exporting.export(2, platforms="cpu", prompts_per_query=prompts,
+                                   processor=tiny_processor()).save(folder)
         assert sorted(os.path.basename(p) for p in written) == sorted(FILE_NAMES)
         rows = random_inputs(TINY, batch=2 * prompts, seed=prompts)
         queries = rows["pixel_values"][::prompts]  # [2, 3, h, w]
@@ -152,6 +155,11 @@ def test_cpu_artifact_runs_in_a_fresh_process_without_the_model(tmp_path):
                                                     "is_instance"]
     assert meta["inputs"][1]["shape"] == [2, 3, 3, 32, 32] and meta["outputs"][0]["shape"] == [2, 3, 3, 64, 32]
     assert meta["versions"]["jax"] == jax.__version__
+    assert meta["format_version"] == 1 and meta["stacked_weights"] == {}
+    with open(os.path.join(folders[2], METADATA_NAME)) as f:
+        meta = json.load(f)
+    stacks = {name for name in meta["stacked_weights"] if name.endswith("mlp.lin1.kernel")}
+    assert meta["format_version"] == 2 and stacks == {f"model.encoder.stacks.{i}.mlp.lin1.kernel" for i in (0, 2, 3, 5)}
 
 
 def test_bfloat16_weights_and_input_checks(tmp_path):

@@ -25,7 +25,7 @@ def test_sharded_over_eight_devices_equals_one_device():
                             timeout=600, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
     assert result.returncode == 0, result.stderr[-3000:]
     errors = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(errors) == 15
+    assert len(errors) == 17  # 3 layouts x 5 cases, and a scanned model under FSDP x 2
     bad = {case: e for case, e in errors.items() if e > 2e-6}
     assert not bad, bad
 

@@ -26,12 +26,20 @@ def main() -> None:
     }
     base = {k: inputs[k] for k in ("pixel_values", "prompt_pixel_values", "prompt_masks")}
     results = {}
-    for weights, model_axis in (("replicated", 1), ("fsdp", 1), ("replicated", 2)):
+    for weights, model_axis, scan in (("replicated", 1, False), ("fsdp", 1, False), ("replicated", 2, False),
+                                      ("fsdp", 1, True)):
         mesh = parallel.make_mesh(model=model_axis)
-        model = parallel.shard_model(build_model(), mesh, weights=weights)
-        kernel = model.model.encoder.layers[0].mlp.lin1.kernel[...]
+        model = build_model().with_runtime(scan_layers=True) if scan else build_model()
+        model = parallel.shard_model(model, mesh, weights=weights)
+        if scan:  # stacked [layers, in, out]: split along a weight axis, never the layer axis the scan steps over
+            kernel = model.model.encoder.stacks["2"].mlp.lin1.kernel[...]
+            assert kernel.shape[0] == 2 and kernel.sharding.spec[0] is None and any(kernel.sharding.spec[1:])
+        else:
+            kernel = model.model.encoder.layers[0].mlp.lin1.kernel[...]
         assert len(kernel.sharding.device_set) == 8
         for name, extra in cases.items():
+            if scan and name not in ("plain", "labels"):
+                continue
             reference = reference_model(**base, **extra)
             sharded_inputs = parallel.shard_batch(mesh, **base, labels=extra.get("labels"))
             rest = {k: v for k, v in extra.items() if k != "labels"}
@@ -40,7 +48,7 @@ def main() -> None:
             error = float(np.abs(parallel.local_rows(out.pred_masks) - np.asarray(reference.pred_masks)).max())
             if reference.loss is not None:
                 error = max(error, abs(float(out.loss) - float(reference.loss)))
-            results[f"{weights} data={mesh.shape['data']} model={model_axis}: {name}"] = error
+            results[f"{weights}{' scanned' if scan else ''} data={mesh.shape['data']} model={model_axis}: {name}"] = error
     json.dump(results, sys.stdout)
 
 
