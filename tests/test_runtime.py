@@ -19,6 +19,7 @@ from seggpt_jax.nn.attention import (attention_chunked, attention_plain, attenti
 from seggpt_jax.nn.encoder import layer_segments
 from seggpt_jax.nn.inputs import prepare
 from seggpt_jax.train.trainer import Trainer, TrainConfig
+from seggpt_jax.weights import layer_parameters
 
 CONFIGS = {
     "nonsquare": SegGptConfig(image_size=(64, 32), patch_size=4, hidden_size=32, num_hidden_layers=6,
@@ -129,8 +130,8 @@ def gradient_case():
     inputs = random_inputs(config, batch=2, seed=33, labels=True)
     inputs["bool_masked_pos"] = random_bool_masked_pos(config.num_patches, batch=2, seed=34)
 
-    def grads(m):
-        return nnx.to_flat_state(nnx.grad(lambda mm: mm(**inputs, dropout_rng=jax.random.key(5)).loss)(m))
+    def grads(m):  # per layer, whether the model holds its layers stacked (scanned) or not
+        return sorted(layer_parameters(nnx.grad(lambda mm: mm(**inputs, dropout_rng=jax.random.key(5)).loss)(m)).items())
 
     return model, grads, grads(model)
 
@@ -139,6 +140,7 @@ def gradient_case():
 def test_remat_and_scan_give_the_same_gradients(gradient_case, policy):
     model, grads, reference = gradient_case
     ours = grads(model.with_runtime(attention="chunked", scan_layers=True, remat_policy=policy))
+    assert [path for path, _ in ours] == [path for path, _ in reference]
     for (path, a), (_, b) in zip(ours, reference):
         np.testing.assert_allclose(np.asarray(a[...]), np.asarray(b[...]), atol=2e-5, rtol=1e-4, err_msg=str(path))
 
@@ -174,9 +176,19 @@ def _params(model) -> dict[tuple, jax.Array]:
 
 
 def _built_like(model, **settings):
-    """A model constructed with ``settings``, holding ``model``'s parameter values."""
+    """A model constructed with ``settings``, holding ``model``'s parameter values (stacked by hand when
+    ``settings`` scan the layers: ``encoder.stacks.{first}`` holds layers first, first + 1, ...)."""
     built = SegGptForImageSegmentation(model.config, rngs=nnx.Rngs(3), **settings)
-    nnx.update(built, nnx.state(model))
+    values, state = layer_parameters(model), nnx.state(built)
+    for path, var in nnx.to_flat_state(state):
+        name = ".".join(str(p) for p in path)
+        if ".stacks." in name:
+            first = int(path[3])
+            rows = [name.replace(f".stacks.{first}.", f".layers.{first + r}.") for r in range(var.shape[0])]
+            var[...] = jnp.stack([values[row] for row in rows])
+        else:
+            var[...] = values[name]
+    nnx.update(built, state)
     return built
 
 
@@ -196,8 +208,14 @@ def test_new_settings_give_new_models_over_the_same_parameters():
     }
     for name, (other, settings) in variants.items():
         assert other is not model and other.settings == ModelSettings(**settings), name
-        assert _params(other).keys() == params.keys()
-        assert all(value is params[path] for path, value in _params(other).items()), name  # shared, not copied
+        if name == "scan":  # restacked: the layers' values, in new arrays; the rest shared
+            ours, theirs = layer_parameters(other), layer_parameters(model)
+            assert ours.keys() == theirs.keys()
+            assert all(np.array_equal(ours[key], theirs[key]) for key in ours)
+            assert all(value is params[path] for path, value in _params(other).items() if "stacks" not in path)
+        else:
+            assert _params(other).keys() == params.keys()
+            assert all(value is params[path] for path, value in _params(other).items()), name  # shared, not copied
         np.testing.assert_array_equal(np.asarray(other(**inputs).pred_masks),
                                       np.asarray(_built_like(model, **settings)(**inputs).pred_masks), err_msg=name)
     # the original keeps its settings and outputs, even when a new model's parameters are updated

@@ -108,7 +108,7 @@ def _path(path: tuple) -> str:
 
 
 def trainable_rows(spec: str, name: str, shape: tuple[int, ...]) -> list[bool]:
-    """Which layers of the parameter at dotted path ``name`` ``spec`` selects: one flag, or, for a stacked
+    r"""Which layers of the parameter at dotted path ``name`` ``spec`` selects: one flag, or, for a stacked
     parameter of a scanned model (:mod:`seggpt_jax.stacking`), one per row.
 
     ``spec`` is ``"all"``, ``"decoder"``, or a regex searched in each *layer path*
