@@ -10,6 +10,8 @@ temporaries than the unscanned one; before they were, it stacked 1.08 GiB of wei
 
 ``--time N`` also runs each forward N times on random weights (after one warm-up call) and prints the
 median seconds; it needs about 3 GB of memory and, on 2 CPU cores, a minute or two per layout.
+``--train POLICY`` also compiles the Trainer's step (batch 1, that remat policy) and prints its
+temporaries (:func:`seggpt_jax.train.estimate_memory`; a minute or more per layout on 2 cores).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--time", type=int, default=0, help="timed forwards per layout (0: memory only)")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--train", default=None, metavar="POLICY",
+                        help="also the compiled training step's temporaries with this remat policy (e.g. dots)")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args(argv)
 
@@ -41,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     zeros = np.zeros((args.batch, config.num_channels, *config.query_size), np.float32)
     inputs, options = prepare(config, zeros, zeros, zeros)
     results = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
-               "jax": jax.__version__, "batch": args.batch, "layouts": {}}
+               "jax": jax.__version__, "batch": args.batch, "train_remat_policy": args.train, "layouts": {}}
     for scan in (False, True):
         runtime = RuntimeConfig(scan_layers=scan)
         abstract = nnx.eval_shape(lambda: SegGptForImageSegmentation(config, runtime=runtime, rngs=nnx.Rngs(0)))
@@ -63,10 +67,17 @@ def main(argv: list[str] | None = None) -> None:
             row["forward_s"] = [round(t, 2) for t in times]
             row["forward_median_s"] = round(statistics.median(times), 2)
             del model, graphdef, state
+        if args.train:
+            from seggpt_jax.train import estimate_memory
+
+            start = time.perf_counter()
+            row["train_temp_bytes"] = estimate_memory(config, 1, remat_policy=args.train, runtime=runtime).temp_bytes
+            row["train_compile_s"] = round(time.perf_counter() - start, 1)
         results["layouts"]["scanned" if scan else "unscanned"] = row
         print(f"scan_layers={scan}: temp {row['temp_bytes'] / 2**30:.3f} GiB, arguments "
               f"{row['argument_bytes'] / 2**30:.3f} GiB, compile {row['compile_s']} s"
-              + (f", forward median {row['forward_median_s']} s of {row['forward_s']}" if args.time else ""),
+              + (f", forward median {row['forward_median_s']} s of {row['forward_s']}" if args.time else "")
+              + (f", training step ({args.train}) temp {row['train_temp_bytes'] / 2**30:.3f} GiB" if args.train else ""),
               flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
