@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import HFModel, max_abs, random_bool_masked_pos, random_inputs, to_torch
 from flax import nnx
+from test_train_state import _batches  # the same query size and patch grid as SMALL here
 
 from seggpt_jax import RuntimeConfig, SegGptConfig, SegGptForImageSegmentation, SegGptModel, stacking
 from seggpt_jax.nn.inputs import prepare
@@ -203,17 +204,6 @@ def test_checkpoint_problems_are_named_per_layer_for_a_scanned_model(hf_tiny, tm
 
 
 # ------------------------------------------------------------------------------------ training
-def _batches(step: int) -> dict:
-    rng = np.random.default_rng(step)
-    shape = (2, 3, *SMALL.query_size)
-    batch = {k: rng.standard_normal(shape, dtype=np.float32)
-             for k in ("pixel_values", "prompt_pixel_values", "prompt_masks", "labels")}
-    flags = np.zeros((2, SMALL.num_patches), bool)
-    flags[:, SMALL.num_patches // 2:] = True
-    batch.update(bool_masked_pos=flags, is_instance=np.ones(2, bool))
-    return batch
-
-
 def _layer(key: str) -> str:
     return key.split(".")[3] if ".layers." in key else key.split(".")[0]
 
