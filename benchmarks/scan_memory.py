@@ -8,8 +8,9 @@ abstract model built with ``nnx.eval_shape`` (no weights), and the compiled prog
 inputs). A scanned model's parameters are stored stacked, so its forward should need no more
 temporaries than the unscanned one; before they were, it stacked 1.08 GiB of weights on every call.
 
-``--time N`` also runs each forward N times on random weights (after one warm-up call) and prints the
-median seconds; it needs about 3 GB of memory and, on 2 CPU cores, a minute or two per layout.
+``--time N`` also runs each forward N times on random weights (after one warm-up call), alternating
+the two layouts, and prints the seconds and the median ratio of each pair; it holds both models
+(about 4 GB) and takes, on 2 CPU cores, 10 s or more per forward.
 ``--train POLICY`` also compiles the Trainer's step (batch 1, that remat policy) and prints its
 temporaries (:func:`seggpt_jax.train.estimate_memory`; a minute or more per layout on 2 cores).
 """
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     inputs, options = prepare(config, zeros, zeros, zeros)
     results = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
                "jax": jax.__version__, "batch": args.batch, "train_remat_policy": args.train, "layouts": {}}
+    forwards = {}
     for scan in (False, True):
         runtime = RuntimeConfig(scan_layers=scan)
         abstract = nnx.eval_shape(lambda: SegGptForImageSegmentation(config, runtime=runtime, rngs=nnx.Rngs(0)))
@@ -59,14 +61,7 @@ def main(argv: list[str] | None = None) -> None:
             model = SegGptForImageSegmentation(config, runtime=runtime, rngs=nnx.Rngs(0))
             graphdef, state = nnx.split(model)
             jax.block_until_ready(_forward_jit(graphdef, state, inputs, options))  # compiles again, warms up
-            times = []
-            for _ in range(args.time):
-                start = time.perf_counter()
-                jax.block_until_ready(_forward_jit(graphdef, state, inputs, options))
-                times.append(time.perf_counter() - start)
-            row["forward_s"] = [round(t, 2) for t in times]
-            row["forward_median_s"] = round(statistics.median(times), 2)
-            del model, graphdef, state
+            forwards[scan] = (graphdef, state)
         if args.train:
             from seggpt_jax.train import estimate_memory
 
@@ -76,9 +71,23 @@ def main(argv: list[str] | None = None) -> None:
         results["layouts"]["scanned" if scan else "unscanned"] = row
         print(f"scan_layers={scan}: temp {row['temp_bytes'] / 2**30:.3f} GiB, arguments "
               f"{row['argument_bytes'] / 2**30:.3f} GiB, compile {row['compile_s']} s"
-              + (f", forward median {row['forward_median_s']} s of {row['forward_s']}" if args.time else "")
               + (f", training step ({args.train}) temp {row['train_temp_bytes'] / 2**30:.3f} GiB" if args.train else ""),
               flush=True)
+    if args.time:  # alternating, so that a shared machine's changing load falls on both alike
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(args.time):
+            for scan, (graphdef, state) in forwards.items():
+                start = time.perf_counter()
+                jax.block_until_ready(_forward_jit(graphdef, state, inputs, options))
+                times[scan].append(time.perf_counter() - start)
+        for scan, row in ((False, results["layouts"]["unscanned"]), (True, results["layouts"]["scanned"])):
+            row["forward_s"] = [round(t, 2) for t in times[scan]]
+            row["forward_median_s"] = round(statistics.median(times[scan]), 2)
+        ratios = [b / a for a, b in zip(times[False], times[True])]
+        results["scanned_over_unscanned_median"] = round(statistics.median(ratios), 3)
+        print(f"forward seconds, alternating: unscanned {results['layouts']['unscanned']['forward_s']}, scanned "
+              f"{results['layouts']['scanned']['forward_s']}; scanned/unscanned per pair, median "
+              f"{results['scanned_over_unscanned_median']}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2)
