@@ -15,6 +15,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
+from .hub import CONFIG_NAME, resolve_file
+
 logger = logging.getLogger(__name__)
 
 #: Activations the model implements, by their transformers ``hidden_act`` names.
@@ -144,7 +146,6 @@ class SegGptConfig:
             ModelNotFoundError: no config.json in the folder, on the Hub or in the cache (names which).
             ConfigError: the file is not valid JSON or does not describe a SegGPT model (names the file).
         """
-        from .weights.hub import CONFIG_NAME, resolve_file
 
         path = os.path.expanduser(os.fspath(name_or_path))
         if not (os.path.isfile(path) and path.endswith(".json")):

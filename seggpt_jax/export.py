@@ -168,12 +168,13 @@ def export_model(model: Any, batch_size: int, *, platforms: str | Sequence[str] 
         precision: matmul precision (default ``"model"``: the model's).
         weights_dtype: dtype of the saved weights (default: the model's parameter dtype).
         processor: the :class:`~seggpt_jax.SegGptImageProcessor` whose settings go into the folder
-            (default: transformers' defaults at the model's query size); its size must be the query size.
+            (default: the model's own, :func:`~seggpt_jax.imaging.processor.processor_for`); its size must be
+            the query size.
     """
     from flax import nnx
 
-    from . import __version__
-    from .imaging.processor import SegGptImageProcessor
+    from .version import __version__
+    from .imaging.processor import processor_for
     from .nn.inputs import prepare
 
     if not hasattr(model, "decoder") or not hasattr(model, "forward_prepared"):
@@ -190,7 +191,7 @@ def export_model(model: Any, batch_size: int, *, platforms: str | Sequence[str] 
     impls = attention_per_platform(settings.runtime.attention, dtype, targets)
     runtime = dataclasses.replace(settings.runtime, platform=targets[0])
     target = model.with_settings(shared=True, dtype=dtype, precision=precision, runtime=runtime)
-    processor = processor if processor is not None else SegGptImageProcessor(size=config.query_size)
+    processor = processor if processor is not None else processor_for(model)
     size = (processor.size["height"], processor.size["width"])
     if size != tuple(config.query_size):
         raise ValueError(f"the processor resizes to {size[0]}x{size[1]} but the model takes "

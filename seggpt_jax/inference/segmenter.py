@@ -25,12 +25,15 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 
 from ..imaging.decode import DEFAULT_MAX_PIXELS, InputError, to_rgb_uint8
 from ..imaging.masks import ColourMap, build_palette
-from ..imaging.processor import (SegGptImageProcessor, painted_query, palette_distances, resize_nearest,
+from ..imaging.processor import (painted_query, processor_for, palette_distances, resize_nearest,
                                  smallest_uint)
-from ..nn.inputs import EMBEDDING_TYPES, ENSEMBLE_MODES
+from ..models import SegGptForImageSegmentation
+from ..nn.inputs import EMBEDDING_TYPES, ENSEMBLE_MODES, prepare
+from ..nn.models import _forward_jit
 from .prompts import PreparedPrompt, PromptPreparer, is_per_query, normalise_prompts
 
 logger = logging.getLogger(__name__)
@@ -141,7 +144,7 @@ class Segmenter:
 
             enable_compilation_cache(None if compilation_cache is True else compilation_cache)
         self.model = model
-        self.processor = SegGptImageProcessor(size=model.config.query_size)
+        self.processor = processor_for(model)
         self.batch_size = batch_size or default_batch_size()
         self.pad_batches = jax.default_backend() != "cpu"
         self.ensemble_mode = ensemble_mode
@@ -153,8 +156,6 @@ class Segmenter:
                         batch_size: int | None = None, ensemble_mode: str = "transformers",
                         compilation_cache: bool | str | None = None, **load_kwargs: Any) -> "Segmenter":
         """Load the model (any source :meth:`SegGptForImageSegmentation.from_pretrained` accepts)."""
-        from ..nn.models import SegGptForImageSegmentation
-
         model = SegGptForImageSegmentation.from_pretrained(name_or_path, **load_kwargs)
         return cls(model, batch_size=batch_size, ensemble_mode=ensemble_mode, compilation_cache=compilation_cache)
 
@@ -373,13 +374,8 @@ def compile_forward(config, *, queries: int, prompts: int = 1, batch_size: int |
     No weights are needed (the model is built abstractly), so this can run while the weights load
     (:func:`compile_ahead`); XLA keeps the executable and the Segmenter's first batch does not compile
     again. ``model_kwargs`` are the model's construction settings (``dtype``, ``param_dtype``,
-    ``precision``, ``runtime``), as given to ``from_pretrained``.
+    ``precision``, ``runtime``, and the ``processor`` of the checkpoint: part of the model, so of the program).
     """
-    from flax import nnx
-
-    from ..nn.inputs import prepare
-    from ..nn.models import SegGptForImageSegmentation, _forward_jit
-
     per_batch = max(1, (batch_size or default_batch_size()) // prompts)
     rows = min(per_batch, max(queries, 1)) * prompts
     zeros = np.zeros((rows, config.num_channels, *config.query_size), np.float32)

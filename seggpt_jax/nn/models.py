@@ -37,7 +37,6 @@ from flax import nnx
 
 from ..config import SegGptConfig
 from ..runtime import RuntimeConfig
-from ..weights.pretrained import PretrainedMixin
 from .encoder import ModelOutput, SegGptEncoder, SegGptEncoderOutput
 from .inputs import ForwardOptions, prepare
 from .layers import ModelSettings, SegGptDecoder, SegGptEmbeddings
@@ -93,18 +92,28 @@ class SegGptBackbone(nnx.Module):
         return self.encoder(embeddings, settings, options, inputs.get("dropout_rng"), inputs.get("prompt_valid"))
 
 
-class _Model(PretrainedMixin):
-    """What both public models share: the settings, the new-model-with-other-settings methods, and the
+class _Model:
+    """What both model classes share: the settings, the new-model-with-other-settings methods, and the
     validated, jitted public call."""
 
     config: SegGptConfig
     settings: ModelSettings
 
-    def _init_settings(self, config: Any, dtype: Any, precision: Any, runtime: Any) -> None:
+    def _init_settings(self, config: Any, dtype: Any, precision: Any, runtime: Any,
+                       settings: ModelSettings | None) -> None:
         if not isinstance(config, SegGptConfig):
             raise TypeError(f"config must be a SegGptConfig, got {type(config).__name__}")
         self.config = config
-        self.settings = ModelSettings(dtype=dtype, precision=precision, runtime=runtime)
+        if settings is None:
+            settings = ModelSettings(dtype=dtype, precision=precision, runtime=runtime)
+        elif not isinstance(settings, ModelSettings):
+            raise TypeError(f"settings must be a ModelSettings, got {type(settings).__name__}")
+        self.settings = settings
+
+    def _construction(self) -> dict[str, Any]:
+        """What building another copy of this model takes besides its config and settings (subclasses add
+        their own, e.g. the processor of :class:`seggpt_jax.models.SegGptForImageSegmentation`)."""
+        return {}
 
     def _run(self, *args: Any, output_attentions: bool | None, **kwargs: Any) -> Any:
         if output_attentions:
@@ -129,10 +138,11 @@ class _Model(PretrainedMixin):
         arrays). With ``shared=True`` it is a view over this model's Variables: training the view trains
         this model, as :class:`~seggpt_jax.train.Trainer` does with its training settings."""
         settings = dataclasses.replace(self.settings, **changes)
-        graphdef, state = nnx.split(self)
-        model = nnx.merge(graphdef, state, copy=not shared)
-        model.settings = settings
-        return model
+        cls, config, extra = type(self), self.config, self._construction()
+        abstract = nnx.eval_shape(lambda: cls(config, settings=settings, rngs=nnx.Rngs(0), **extra))
+        graphdef, _ = nnx.split(abstract)  # the same structure, built with the new settings
+        _, state = nnx.split(self)
+        return nnx.merge(graphdef, state, copy=not shared)
 
     def with_runtime(self: M, runtime: RuntimeConfig | None = None, /, **changes: Any) -> M:
         """A new model with another :class:`RuntimeConfig`: the one given, or this model's with ``changes``
@@ -154,8 +164,9 @@ class SegGptModel(_Model, SegGptBackbone):
     _checkpoint_prefix = "model."  # its parameters sit under ``model.`` in the full painter
 
     def __init__(self, config: SegGptConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                 precision: Any = None, runtime: RuntimeConfig | None = None, rngs: nnx.Rngs):
-        self._init_settings(config, dtype, precision, runtime)
+                 precision: Any = None, runtime: RuntimeConfig | None = None,
+                 settings: ModelSettings | None = None, rngs: nnx.Rngs):
+        self._init_settings(config, dtype, precision, runtime, settings)
         SegGptBackbone.__init__(self, config, param_dtype=param_dtype, rngs=rngs)
 
     def forward_prepared(self, inputs: dict[str, Any], options: ForwardOptions) -> SegGptEncoderOutput:
@@ -185,8 +196,9 @@ class SegGptForImageSegmentation(_Model, nnx.Module):
     smooth-L1 loss over masked patches."""
 
     def __init__(self, config: SegGptConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                 precision: Any = None, runtime: RuntimeConfig | None = None, rngs: nnx.Rngs):
-        self._init_settings(config, dtype, precision, runtime)
+                 precision: Any = None, runtime: RuntimeConfig | None = None,
+                 settings: ModelSettings | None = None, rngs: nnx.Rngs):
+        self._init_settings(config, dtype, precision, runtime, settings)
         self.model = SegGptBackbone(config, param_dtype=param_dtype, rngs=rngs)
         self.decoder = SegGptDecoder(config, param_dtype=param_dtype, rngs=rngs)
 
@@ -204,13 +216,6 @@ class SegGptForImageSegmentation(_Model, nnx.Module):
         return SegGptImageSegmentationOutput(
             loss=loss, pred_masks=pred_masks, hidden_states=encoded.hidden_states,
             intermediate_hidden_states=encoded.intermediate_hidden_states)
-
-    def export(self, batch_size: int, **options: Any):
-        """This forward lowered with ``jax.export`` for serving (``platforms=``, ``dtype=``,
-        ``prompts_per_query=``, ...: :func:`seggpt_jax.export.export_model`); ``.save(folder)`` writes it."""
-        from ..export import export_model
-
-        return export_model(self, batch_size, **options)
 
     def __call__(self, pixel_values, prompt_pixel_values, prompt_masks, bool_masked_pos=None,
                  feature_ensemble: bool | None = False, embedding_type: Any = "instance", labels=None,

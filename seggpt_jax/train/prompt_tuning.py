@@ -40,7 +40,7 @@ from ..data import Augment, Dataset, Prefetcher, resize_valid
 from ..nn.models import painter_loss_terms
 from ..weights.readers import CheckpointError, SafetensorsReader
 from .state import load_tree, save_tree
-from ..imaging.processor import SegGptImageProcessor
+from ..imaging.processor import as_processor
 
 FORMAT = "seggpt-jax-learned-prompt/1"
 
@@ -150,10 +150,12 @@ class PromptTuningConfig:
 class QueryBatches:
     """``batches(step)`` -> (query pixels, query masks painted, valid) for prompt tuning; seeded by step."""
 
-    def __init__(self, dataset: Dataset, query_size: tuple[int, int], *, batch_size: int, seed: int,
+    def __init__(self, dataset: Dataset, model: Any, *, batch_size: int, seed: int,
                  augment: Augment | None = Augment(scale=(0.6, 1.0), jitter=0.1)):
+        """``model``: the frozen model (its processor), or a processor, config or ``(height, width)``
+        (:func:`~seggpt_jax.imaging.processor.as_processor`)."""
         self.dataset, self.batch_size, self.seed, self.augment = dataset, batch_size, seed, augment
-        self.processor = SegGptImageProcessor(size=query_size)
+        self.processor = as_processor(model)
 
     def model_inputs(self, image: np.ndarray, labels: np.ndarray):
         """(query pixels, painted mask, valid ``[1, h, w]``) at the model's input size."""
@@ -174,8 +176,10 @@ class QueryBatches:
                 "valid": np.stack([r[2] for r in rows])}
 
 
-def initial_prompt(dataset: Dataset, model_config, config: PromptTuningConfig) -> LearnedPrompt:
-    size = model_config.query_size
+def initial_prompt(dataset: Dataset, model: Any, config: PromptTuningConfig) -> LearnedPrompt:
+    """The starting prompt: noise, or the first examples of ``dataset`` through ``model``'s processor
+    (``model`` may also be a config: the default processing)."""
+    size = (model.config if hasattr(model, "config") else model).query_size
     if config.init == "noise":
         rng = np.random.default_rng(config.seed)
         shape = (config.num_prompts, 3, *size)
@@ -183,7 +187,7 @@ def initial_prompt(dataset: Dataset, model_config, config: PromptTuningConfig) -
                              rng.standard_normal(shape, dtype=np.float32) * 0.5, {"init": "noise"})
     if len(dataset) < config.num_prompts:
         raise ValueError(f"init='examples' needs {config.num_prompts} samples; the dataset has {len(dataset)}")
-    batches = QueryBatches(dataset, size, batch_size=1, seed=config.seed, augment=None)
+    batches = QueryBatches(dataset, model, batch_size=1, seed=config.seed, augment=None)
     images, masks = [], []
     for index in range(config.num_prompts):
         image, labels = dataset.load(dataset[index])
@@ -222,7 +226,7 @@ def tune_prompt(model, dataset: Dataset, config: PromptTuningConfig = PromptTuni
     ``output`` (an :class:`~seggpt_jax.files.OutputFolder` holding them) records them as the tool's.
     """
     instance = (config.embedding_type or ("instance" if dataset.num_labels is None else "semantic")) == "instance"
-    prompt = start or initial_prompt(dataset, model.config, config)
+    prompt = start or initial_prompt(dataset, model, config)
     prompt.check_model(model.config)
     params = {"image": jnp.asarray(prompt.prompt_pixel_values), "mask": jnp.asarray(prompt.prompt_masks)}
     tx = optax.adam(config.learning_rate)
@@ -240,7 +244,7 @@ def tune_prompt(model, dataset: Dataset, config: PromptTuningConfig = PromptTuni
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    batches = QueryBatches(dataset, model.config.query_size, batch_size=config.batch_size, seed=config.seed,
+    batches = QueryBatches(dataset, model, batch_size=config.batch_size, seed=config.seed,
                            **({} if config.augment else {"augment": None}))
     losses, start_time = [], time.perf_counter()
     meta = dict(prompt.metadata, num_labels=dataset.num_labels, embedding_type="instance" if instance else "semantic",

@@ -31,6 +31,7 @@ import os
 import re
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +42,9 @@ from flax import nnx
 from ..config import SegGptConfig
 from ..runtime import RuntimeConfig
 from ..data import Augment, Dataset, Prefetcher, resize_valid
-from ..nn.models import SegGptForImageSegmentation, painter_loss_terms
-from ..imaging.processor import SegGptImageProcessor
+from ..models import SegGptForImageSegmentation
+from ..nn.models import painter_loss_terms
+from ..imaging.processor import as_processor
 from ..files import OutputFolder
 from .state import load_tree, point_latest, prune_checkpoints, resolve_checkpoint, save_tree, write_folder, write_json
 
@@ -196,16 +198,20 @@ class EpisodeBatches:
 
     Each row takes two different samples of one group (prompt and query), augments each, paints their
     masks (binary: white foreground; class ids: the SegGPT palette) and draws the patch mask.
+
+    ``model`` is the model to train (its config and its processor, :func:`~seggpt_jax.imaging.processor.processor_for`),
+    or a :class:`SegGptConfig` (the default processing at its size).
     """
 
-    def __init__(self, dataset: Dataset, model_config: SegGptConfig, *, batch_size: int = 8, seed: int = 0,
+    def __init__(self, dataset: Dataset, model: Any, *, batch_size: int = 8, seed: int = 0,
                  augment: Augment | None = Augment(), mask_ratio: float = 0.75, half_mask_prob: float = 0.0,
                  embedding_type: str | None = None):
+        model_config = model.config if hasattr(model, "config") else model
         self.dataset, self.config = dataset, model_config
         self.batch_size, self.seed, self.augment = batch_size, seed, augment
         self.mask_ratio, self.half_mask_prob = mask_ratio, half_mask_prob
         self.instance = (embedding_type or ("instance" if dataset.num_labels is None else "semantic")) == "instance"
-        self.processor = SegGptImageProcessor(size=model_config.query_size)
+        self.processor = as_processor(model)
         self._groups = [members for _, members in sorted(dataset.groups().items())]
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
@@ -449,8 +455,6 @@ def abstract_batch(config: SegGptConfig, batch_size: int) -> dict[str, jax.Shape
 def compile_step(config: SegGptConfig, train: TrainConfig, runtime: RuntimeConfig | None = None):
     """The :class:`Trainer`'s step for ``config`` and ``train``, compiled for abstract parameters and an
     abstract batch of ``train.batch_size``: ``jax.stages.Compiled`` (``.memory_analysis()``, ``.cost_analysis()``)."""
-    from ..nn.models import SegGptForImageSegmentation
-
     def build() -> tuple[nnx.Module, nnx.Optimizer]:
         model = training_view(SegGptForImageSegmentation(config, runtime=runtime, rngs=nnx.Rngs(0)), train)
         return model, make_optimizer(model, train)

@@ -2,7 +2,7 @@
 
 from .loader import fill_parameters, flat_parameters, load_pretrained, save_pretrained
 from .readers import CheckpointError, open_weights, read_safetensors
-from .hub import ModelNotFoundError, resolve, resolve_file
+from ..hub import ModelNotFoundError, resolve, resolve_file
 from .tables import NATIVE, ORIGINAL, TABLES, TRANSFORMERS, detect_format
 
 __all__ = [

@@ -24,7 +24,8 @@ from flax import nnx
 
 from ..files import atomic_save
 from ..config import ConfigError, SegGptConfig
-from . import hub
+from .. import hub
+from ..version import __version__
 from .readers import CheckpointError, TensorReader, open_weights
 from .tables import NATIVE, NATIVE_METADATA_KEY, TABLES, TRANSFORMERS, Table, Transform, detect_format
 
@@ -139,8 +140,9 @@ def load_pretrained(cls: type, name_or_path: str | os.PathLike, *, revision: str
                     cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
                     token: str | bool | None = None, config: SegGptConfig | None = None,
                     dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, precision: Any = None,
-                    runtime: Any = None, layout: str | None = None):
-    """See :meth:`seggpt_jax.SegGptForImageSegmentation.from_pretrained`."""
+                    runtime: Any = None, layout: str | None = None, model_kwargs: dict[str, Any] | None = None):
+    """See :meth:`seggpt_jax.SegGptForImageSegmentation.from_pretrained` (``cls`` is built with
+    ``model_kwargs`` besides the config and settings)."""
     resolved = hub.resolve(name_or_path, revision=revision, cache_dir=cache_dir,
                                local_files_only=local_files_only, token=token)
     with open_weights(resolved.weights) as reader:
@@ -160,7 +162,7 @@ def load_pretrained(cls: type, name_or_path: str | os.PathLike, *, revision: str
                                       f"(first keys: {keys[:8]}); expected transformers, original BAAI or "
                                       f"seggpt-jax names")
         abstract_model = nnx.eval_shape(lambda: cls(cfg, dtype=dtype, param_dtype=param_dtype, precision=precision,
-                                                    runtime=runtime, rngs=nnx.Rngs(0)))
+                                                    runtime=runtime, rngs=nnx.Rngs(0), **(model_kwargs or {})))
         graphdef, abstract_state = nnx.split(abstract_model)
         flat_abstract = nnx.to_flat_state(abstract_state)
         abstract = {".".join(str(p) for p in path): var for path, var in flat_abstract}
@@ -193,8 +195,6 @@ def save_pretrained(model: nnx.Module, directory: str | os.PathLike, layout: str
     (``decoder_embed``, transposed); ``safetensors.numpy.save_file`` of the transposed arrays would
     need +1.46 GB, which is why this writes the (simple) format itself.
     """
-    from .. import __version__
-
     if layout not in TABLES:
         raise ValueError(f"layout must be one of {sorted(TABLES)}, got {layout!r}")
     table = TABLES[layout]

@@ -17,9 +17,7 @@ from typing import Any
 
 import numpy as np
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model; the message names the problem."""
+from ..hub import CheckpointError  # noqa: F401 (re-exported: defined at the bottom layer)
 
 
 class TensorReader:
