@@ -15,6 +15,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
+from .files import write_json
 from .hub import CONFIG_NAME, resolve_file
 
 logger = logging.getLogger(__name__)
@@ -175,8 +176,6 @@ class SegGptConfig:
 
     def to_json_file(self, path: str | os.PathLike, **extra: Any) -> None:
         """Write ``config.json`` (atomically), with ``extra`` keys beside the fields."""
-        from .files import write_json
-
         write_json(path, {**self.to_dict(), **extra})
 
     def replace(self, **changes: Any) -> "SegGptConfig":

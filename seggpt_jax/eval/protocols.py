@@ -35,6 +35,8 @@ from ..data.loader import Prefetcher
 from ..data.splits import FSS_SPLITS, HsnetSplits
 from ..imaging.decode import InputError
 from ..imaging.processor import classes_from_painted, resize_nearest
+from ..inference.ensemble import paint_queries, spatial_prompt
+from ..inference.prompts import Prompt
 from .metrics import ABSENT_CLASSES, FewShotMeter, confusion_matrix, iou_per_class, mean_iou
 
 FEW_SHOT_PROTOCOLS = ("fss1000", "pascal5i", "coco20i")
@@ -74,8 +76,6 @@ def evaluate_episodes(segmenter, dataset: Dataset, episodes: Sequence[Episode], 
     ``fit_masks``: masks of another size than their image are resized to it (nearest). An episode
     whose files cannot be decoded is left out and named in ``report["unreadable"]``.
     """
-    from ..inference.ensemble import paint_queries, spatial_prompt
-    from ..inference.prompts import Prompt
 
     ensemble = ensemble or segmenter.ensemble_mode
     if ensemble not in EVAL_ENSEMBLES:

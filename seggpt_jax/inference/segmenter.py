@@ -34,7 +34,10 @@ from ..imaging.processor import (painted_query, processor_for, palette_distances
 from ..models import SegGptForImageSegmentation
 from ..nn.inputs import EMBEDDING_TYPES, ENSEMBLE_MODES, prepare
 from ..nn.models import _forward_jit
+from ..runtime import enable_compilation_cache
 from .prompts import PreparedPrompt, PromptPreparer, is_per_query, normalise_prompts
+from .results import InputFailure, SegmentationResult, result_from_painted
+from .video import segment_video
 
 logger = logging.getLogger(__name__)
 
@@ -48,62 +51,6 @@ ACCELERATOR_BATCH_SIZE = 32
 
 def default_batch_size(backend: str | None = None) -> int:
     return DEFAULT_BATCH_SIZE.get(backend or jax.default_backend(), ACCELERATOR_BATCH_SIZE)
-
-
-@dataclasses.dataclass
-class SegmentationResult:
-    """The answer for one query, at the query's original size ``(height, width)``.
-
-    Attributes:
-        mask: ``[H, W]`` bool foreground (binary mode) or class ids ``0..num_labels`` (semantic mode;
-            uint8, or uint16 beyond 255 labels).
-        scores: ``[num_labels + 1, H, W]`` float32 ``-squared distance`` of each pixel's colour to
-            each class colour (higher is closer), when requested.
-        source: the query's path, when it was given as one.
-        painted: ``[H, W, 3]`` uint8: the colours the model painted (the raw answer), made at full size
-            when first read (:attr:`painted_small` is the model's own resolution).
-    """
-
-    mask: np.ndarray
-    painted_small: np.ndarray  # [h, w, 3] uint8 at the model's resolution
-    scores: np.ndarray | None = None
-    source: str | None = None
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return tuple(self.mask.shape)
-
-    @property
-    def painted(self) -> np.ndarray:
-        return resize_nearest(self.painted_small.transpose(2, 0, 1), self.size).transpose(1, 2, 0)
-
-
-def result_from_painted(picture: np.ndarray, size: tuple[int, int], *, num_labels: int | None,
-                        return_scores: bool = False, source: str | None = None) -> SegmentationResult:
-    """A painted ``[3, h, w]`` answer in ``[0, 255]`` -> the query's :class:`SegmentationResult` at ``size``.
-
-    Each pixel takes the class of the nearest palette colour (binary: black or white), decided at the
-    model's resolution and then resized with torch's nearest rule (the two commute, so this equals
-    transformers' post-processing, which resizes first). Only the answer's own dtype (bool, or the
-    smallest unsigned integer for the classes) is made at full size.
-    """
-    palette = _palette(1 if num_labels is None else num_labels)
-    distance = palette_distances(picture, palette)  # [h, w, L+1]
-    classes = distance.argmin(-1).astype(smallest_uint(len(palette)))
-    small = classes == 1 if num_labels is None else classes
-    mask = resize_nearest(small[None], size)[0]
-    scores = resize_nearest(-distance.transpose(2, 0, 1), size).astype(np.float32) if return_scores else None
-    return SegmentationResult(mask=mask, painted_small=np.ascontiguousarray(
-        picture.astype(np.uint8).transpose(1, 2, 0)), scores=scores, source=source)
-
-
-@dataclasses.dataclass(frozen=True)
-class InputFailure:
-    """A query that could not be read (``errors="return"``): its position, its path, and why."""
-
-    index: int
-    source: str | None
-    message: str
 
 
 @dataclasses.dataclass
@@ -140,8 +87,6 @@ class Segmenter:
                                        or batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if compilation_cache:
-            from ..runtime import enable_compilation_cache
-
             enable_compilation_cache(None if compilation_cache is True else compilation_cache)
         self.model = model
         self.processor = processor_for(model)
@@ -361,8 +306,6 @@ class Segmenter:
         See :func:`seggpt_jax.inference.video.segment_video`; frames are read and yielded one at a
         time, so memory does not grow with the clip.
         """
-        from .video import segment_video
-
         return segment_video(self, frames, prompt, context_frames=context_frames, ensemble_mode=ensemble_mode,
                              embedding_type=embedding_type, progress=progress, errors=errors, objects=objects)
 
@@ -400,13 +343,6 @@ def compile_ahead(config, **kwargs: Any) -> Callable[[], None]:
     thread = threading.Thread(target=run, name="seggpt-jax-compile", daemon=True)
     thread.start()
     return thread.join
-
-
-@functools.lru_cache(maxsize=64)
-def _palette(num_labels: int) -> np.ndarray:
-    palette = np.asarray(build_palette(num_labels), dtype=np.float32)
-    palette.flags.writeable = False  # shared by every call
-    return palette
 
 
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:

@@ -33,6 +33,7 @@ from ..imaging.decode import InputError
 from ..imaging.masks import ColourMap
 from ..imaging.media import mask_image
 from ..inference.prompts import PreparedPrompt, Prompt
+from ..inference.segmenter import default_batch_size
 from .batcher import Batcher, BatchObserver
 
 logger = logging.getLogger(__name__)
@@ -109,8 +110,6 @@ def platform_defaults(backend: str) -> tuple[int, float]:
     so batching would only add latency. Accelerators: the Segmenter's 32 rows and 5 ms, which are not
     measured here (no GPU or TPU was available): tune them with ``benchmarks/serve_load.py``.
     """
-    from ..inference.segmenter import default_batch_size
-
     return default_batch_size(backend), (0.0 if backend == "cpu" else 5.0)
 
 
