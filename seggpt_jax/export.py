@@ -139,7 +139,7 @@ def export_platforms(platforms: str | Sequence[str] | None) -> tuple[str, ...]:
 def attention_per_platform(attention: str, dtype: Any, platforms: Sequence[str]) -> dict[str, str]:
     """The attention implementation ``attention`` resolves to on each platform; raises ``ValueError`` when
     one program cannot hold them (several platforms need one platform-independent implementation)."""
-    from .nn.attention import resolve_impl
+    from .runtime import resolve_attention as resolve_impl
 
     impls = {p: resolve_impl(attention, dtype, p) for p in platforms}
     if len(impls) > 1 and (len(set(impls.values())) > 1 or set(impls.values()) - {"plain", "chunked"}):

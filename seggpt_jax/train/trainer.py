@@ -40,7 +40,7 @@ import optax
 from flax import nnx
 
 from ..config import SegGptConfig
-from ..runtime import RuntimeConfig
+from ..runtime import COMPUTE_DTYPES, RuntimeConfig
 from ..data import Augment, Dataset, Prefetcher, resize_valid
 from ..models import SegGptForImageSegmentation
 from ..nn.models import painter_loss_terms
@@ -84,7 +84,7 @@ class TrainConfig:
                                                                          "half_mask_prob must be in [0, 1]"),
             (self.grad_accum >= 1 and self.batch_size % self.grad_accum == 0,
              "grad_accum must divide batch_size"),
-            (self.dtype in ("float32", "bfloat16"), "dtype must be float32 or bfloat16"),
+            (self.dtype in COMPUTE_DTYPES, f"dtype must be one of {COMPUTE_DTYPES}"),
             (self.layer_decay is None or 0 < self.layer_decay <= 1, "layer_decay must be in (0, 1]"),
         ]
         bad = [message for ok, message in checks if not ok]
@@ -251,7 +251,7 @@ def training_view(model: nnx.Module, config: TrainConfig) -> nnx.Module:
     """The model with ``config``'s training settings (compute dtype, remat policy), over the caller's
     parameter Variables: training it updates the caller's parameters (as ``nnx.Optimizer`` does);
     the caller's settings never change."""
-    settings = {"dtype": jnp.bfloat16} if config.dtype == "bfloat16" else {}
+    settings = {"dtype": config.dtype}
     if config.remat_policy is not None:
         settings["runtime"] = dataclasses.replace(model.settings.runtime, remat_policy=config.remat_policy)
     return model.with_settings(shared=True, **settings)
