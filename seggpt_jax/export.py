@@ -175,13 +175,14 @@ def export_model(model: Any, batch_size: int, *, platforms: str | Sequence[str] 
 
     from .version import __version__
     from .imaging.processor import processor_for
+    from .config import check_count
     from .nn.inputs import prepare
+    from .weights import path_key
 
     if not hasattr(model, "decoder") or not hasattr(model, "forward_prepared"):
         raise TypeError(f"export needs the painter (SegGptForImageSegmentation), got {type(model).__name__}")
     for name, value in (("batch_size", batch_size), ("prompts_per_query", prompts_per_query)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_count(name, value)
     batch, prompts = int(batch_size), int(prompts_per_query)
     ensemble = prompts > 1 if feature_ensemble is None else bool(feature_ensemble)
     config, settings = model.config, model.settings
@@ -199,7 +200,7 @@ def export_model(model: Any, batch_size: int, *, platforms: str | Sequence[str] 
 
     graphdef, state = nnx.split(target)
     flat = list(nnx.to_flat_state(state))
-    names = [".".join(str(part) for part in path) for path, _ in flat]
+    names = [path_key(path) for path, _ in flat]
     stored = None if weights_dtype is None else jnp.dtype(weights_dtype)
     if all(var.get_value().dtype == stored for _, var in flat):
         stored = None  # already so: no cast, no copy

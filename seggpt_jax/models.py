@@ -24,8 +24,6 @@ from .config import SegGptConfig
 from .export import export_model
 from .imaging.processor import SegGptImageProcessor, default_processor, processor_for  # noqa: F401
 from .nn import models as nn_models
-from .nn.encoder import SegGptEncoderOutput  # noqa: F401 (public through seggpt_jax)
-from .nn.models import SegGptImageSegmentationOutput  # noqa: F401 (public through seggpt_jax)
 from .weights import load_pretrained, save_pretrained
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,6 @@ a stream (any iterable), read and segmented batch by batch.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 import threading
@@ -27,12 +26,12 @@ import jax
 import numpy as np
 from flax import nnx
 
+from ..config import check_count
 from ..imaging.decode import DEFAULT_MAX_PIXELS, InputError, to_rgb_uint8
-from ..imaging.masks import ColourMap, build_palette
-from ..imaging.processor import (painted_query, processor_for, palette_distances, resize_nearest,
-                                 smallest_uint)
+from ..imaging.masks import ColourMap
+from ..imaging.processor import painted_query, processor_for
 from ..models import SegGptForImageSegmentation
-from ..nn.inputs import EMBEDDING_TYPES, ENSEMBLE_MODES, prepare
+from ..nn.inputs import EMBEDDING_TYPES, ENSEMBLE_MODES, default_embedding_type, prepare
 from ..nn.models import _forward_jit
 from ..runtime import enable_compilation_cache
 from .prompts import PreparedPrompt, PromptPreparer, is_per_query, normalise_prompts
@@ -41,10 +40,9 @@ from .video import segment_video
 
 logger = logging.getLogger(__name__)
 
-#: Rows per forward when none is given. On CPU one query per forward is the fastest per image (ViT-L,
-#: 2-core x86: 0.20 images/s at batch 1 against 0.16 at batch 4; ``python -m benchmarks.benchmark``),
-#: because the forward is compute-bound and a larger batch only adds cache pressure. Accelerators need
-#: large batches to fill their matrix units.
+#: Rows per forward when none is given. On CPU one query per forward is the fastest per image (measured
+#: by ``python -m benchmarks.benchmark``, ``benchmarks/RESULTS.md``): the forward is compute-bound and a
+#: larger batch only adds cache pressure. Accelerators need large batches to fill their matrix units.
 DEFAULT_BATCH_SIZE = {"cpu": 1}
 ACCELERATOR_BATCH_SIZE = 32
 
@@ -83,9 +81,8 @@ class Segmenter:
                  compilation_cache: bool | str | os.PathLike | None = None,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS):
         _check_choice("ensemble_mode", ensemble_mode, ENSEMBLE_MODES)
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                       or batch_size < 1):
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if batch_size is not None:
+            check_count("batch_size", batch_size)
         if compilation_cache:
             enable_compilation_cache(None if compilation_cache is True else compilation_cache)
         self.model = model
@@ -162,7 +159,7 @@ class Segmenter:
         total = len(images) if isinstance(images, Sequence) else None
         per_query = normalise_prompts(prompts, total) if is_per_query(prompts) else None
         shared = normalise_prompts(prompts, None) if per_query is None else None
-        types = _embedding_types(embedding_type, total, "instance" if binary else "semantic")
+        types = _embedding_types(embedding_type, total, default_embedding_type(None if binary else num_labels))
         prepare_prompt = PromptPreparer(self.processor, None if binary else num_labels,
                                         None if binary else colour_map)
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..config import check_count
 from ..imaging.decode import InputError, describe, open_image, to_rgb_uint8
 from ..imaging.masks import build_palette
 from ..imaging.processor import resize_nearest
@@ -86,8 +87,7 @@ def segment_video(segmenter, frames: Iterable[Any], prompt: Any, *, context_fram
     values or an integer array); ``False`` always reads the mask as binary. Binary: ``mask`` is bool;
     objects: ``mask`` holds object ids.
     """
-    if isinstance(context_frames, bool) or not isinstance(context_frames, int) or context_frames < 0:
-        raise ValueError(f"context_frames must be a non-negative integer, got {context_frames!r}")
+    check_count("context_frames", context_frames, minimum=0)
     if ensemble_mode not in ENSEMBLE_MODES or embedding_type not in EMBEDDING_TYPES:
         raise ValueError(f"ensemble_mode must be one of {ENSEMBLE_MODES} and embedding_type one of {EMBEDDING_TYPES}")
     if errors not in ("raise", "return"):

@@ -11,7 +11,6 @@ layers read ``settings.plan`` and decide nothing.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 

@@ -52,12 +52,15 @@ __all__ = ["SegGptEncoderOutput", "SegGptForImageSegmentation", "SegGptImageSegm
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SegGptImageSegmentationOutput(ModelOutput):
-    """``pred_masks``: ``[B, 3, H, W]`` painted canvas (NCHW, float32), prompt half on top."""
+    """``pred_masks``: ``[B, 3, H, W]`` painted canvas (NCHW, float32), prompt half on top. With labels,
+    ``loss`` and ``loss_terms`` (its ``(sum, count)``, whose ratio it is: what gradient accumulation adds
+    up, see :func:`~seggpt_jax.nn.loss.painter_loss_terms`)."""
 
     loss: Array | None = None
     pred_masks: Array | None = None
     hidden_states: tuple[Array, ...] | None = None
     intermediate_hidden_states: tuple[Array, ...] | None = None
+    loss_terms: tuple[Array, Array] | None = None
 
     def to_tuple(self) -> tuple:
         """transformers' tuple (``return_dict=False``): those of ``loss, pred_masks, hidden_states`` that
@@ -209,20 +212,21 @@ class SegGptForImageSegmentation(_Model, nnx.Module):
         features = jnp.concatenate(encoded.intermediate_hidden_states, axis=-1)  # [B, h, w, C * taps]
         pred = self.decoder(features, self.settings).astype(jnp.float32)  # [B, H, W, 3]
         pred_masks = jnp.transpose(pred, (0, 3, 1, 2))  # NCHW like transformers
-        loss = None
-        if inputs.get("labels") is not None:
-            loss = painter_loss(self.config, pred_masks, inputs["prompt_masks"], inputs["labels"],
-                                inputs["bool_masked_pos"])
+        loss = terms = None
+        if inputs.get("labels") is not None:  # the loss, once: its terms and their ratio
+            terms = painter_loss_terms(self.config, pred_masks, inputs["prompt_masks"], inputs["labels"],
+                                       inputs["bool_masked_pos"], inputs.get("valid"))
+            loss = terms[0] / terms[1]
         return SegGptImageSegmentationOutput(
             loss=loss, pred_masks=pred_masks, hidden_states=encoded.hidden_states,
-            intermediate_hidden_states=encoded.intermediate_hidden_states)
+            intermediate_hidden_states=encoded.intermediate_hidden_states, loss_terms=terms)
 
     def __call__(self, pixel_values, prompt_pixel_values, prompt_masks, bool_masked_pos=None,
                  feature_ensemble: bool | None = False, embedding_type: Any = "instance", labels=None,
                  output_attentions: bool | None = None, output_hidden_states: bool | None = False,
                  return_dict: bool | None = None, *, ensemble_mode: str = "transformers",
                  prompts_per_query: int | None = None, dropout_rng: Array | None = None,
-                 prompt_valid: Any = None) -> SegGptImageSegmentationOutput | tuple:
+                 prompt_valid: Any = None, valid: Any = None) -> SegGptImageSegmentationOutput | tuple:
         """Paint the query's mask. Arguments (in transformers' order) and layout follow
         ``transformers.SegGptForImageSegmentation``; ``None`` means the default, as there.
 
@@ -245,6 +249,8 @@ class SegGptForImageSegmentation(_Model, nnx.Module):
             prompts_per_query: with ``feature_ensemble``, the batch is groups of this many
                 consecutive samples, one group per query (default: the whole batch is one query).
             dropout_rng: a PRNG key enables drop-path (training); ``None`` is inference.
+            valid: with ``labels``, ``[B, 1 or 3, H, W]`` pixels of the mask canvas the loss counts (or
+                ``[B, 1, H/2, W]`` of the query half), the BAAI code's validity mask; default: all.
             prompt_valid: with ``feature_ensemble``, ``[B]`` flags of the prompts that take part in
                 their query's ensemble (default: all); a query with one valid prompt runs as without
                 the ensemble. Padding groups with unused prompts then changes nothing, so a varying
@@ -255,7 +261,7 @@ class SegGptForImageSegmentation(_Model, nnx.Module):
         """
         out = self._run(pixel_values, prompt_pixel_values, prompt_masks, bool_masked_pos, feature_ensemble,
                         embedding_type, labels, ensemble_mode, output_hidden_states, prompts_per_query, dropout_rng,
-                        prompt_valid, output_attentions=output_attentions)
+                        prompt_valid, valid, output_attentions=output_attentions)
         return out if return_dict is None or return_dict else out.to_tuple()
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -36,10 +35,10 @@ import numpy as np
 import optax
 from flax import nnx
 
+from ..nn.inputs import default_embedding_type
 from ..data import Augment, Dataset, Prefetcher, resize_valid
-from ..nn.models import painter_loss_terms
 from ..weights.readers import CheckpointError, SafetensorsReader
-from .state import load_tree, save_tree
+from .state import LossLog, due, load_tree, save_tree
 from ..imaging.processor import as_processor
 
 FORMAT = "seggpt-jax-learned-prompt/1"
@@ -209,10 +208,8 @@ def prompt_loss(model, prompt: dict, batch: dict, *, instance: bool) -> jax.Arra
     flags = jnp.zeros((queries * count, n), bool).at[:, n // 2:].set(True)
     out = model(repeat(batch["pixel_values"]), tile(images), tile(masks), bool_masked_pos=flags,
                 labels=repeat(batch["labels"]), feature_ensemble=count > 1, prompts_per_query=count,
-                embedding_type=jnp.full((queries * count,), instance))
-    total, pixels = painter_loss_terms(model.config, out.pred_masks, tile(masks), repeat(batch["labels"]), flags,
-                                       repeat(batch["valid"]))
-    return total / pixels
+                embedding_type=jnp.full((queries * count,), instance), valid=repeat(batch["valid"]))
+    return out.loss
 
 
 def tune_prompt(model, dataset: Dataset, config: PromptTuningConfig = PromptTuningConfig(), *,
@@ -225,7 +222,7 @@ def tune_prompt(model, dataset: Dataset, config: PromptTuningConfig = PromptTuni
     ``checkpoint`` (+ ``.state.safetensors``), and :func:`resume_prompt_tuning` continues from it;
     ``output`` (an :class:`~seggpt_jax.files.OutputFolder` holding them) records them as the tool's.
     """
-    instance = (config.embedding_type or ("instance" if dataset.num_labels is None else "semantic")) == "instance"
+    instance = (config.embedding_type or default_embedding_type(dataset.num_labels)) == "instance"
     prompt = start or initial_prompt(dataset, model, config)
     prompt.check_model(model.config)
     params = {"image": jnp.asarray(prompt.prompt_pixel_values), "mask": jnp.asarray(prompt.prompt_masks)}
@@ -246,18 +243,16 @@ def tune_prompt(model, dataset: Dataset, config: PromptTuningConfig = PromptTuni
 
     batches = QueryBatches(dataset, model, batch_size=config.batch_size, seed=config.seed,
                            **({} if config.augment else {"augment": None}))
-    losses, start_time = [], time.perf_counter()
+    losses = LossLog(config.log_every, config.steps)
     meta = dict(prompt.metadata, num_labels=dataset.num_labels, embedding_type="instance" if instance else "semantic",
                 tune=config.tune, learning_rate=config.learning_rate)
     for index, batch in enumerate(Prefetcher(batches, start_step, config.steps)):
         params, opt_state, loss = step(params, opt_state, state, batch)
-        losses.append(loss)
         done = start_step + index + 1
-        if log is not None and (done % config.log_every == 0 or done == config.steps):
-            log({"step": done, "loss": float(np.mean([float(v) for v in losses])),
-                 "seconds": round(time.perf_counter() - start_time, 3)})
-            losses = []
-        if checkpoint and (done % config.checkpoint_every == 0 or done == config.steps):
+        record = losses.add(done, loss)
+        if log is not None and record is not None:
+            log(record)
+        if checkpoint and due(done, config.checkpoint_every, config.steps):
             _save_state(checkpoint, params, opt_state, dict(meta, steps=done), config, output)
     return LearnedPrompt(np.asarray(params["image"]), np.asarray(params["mask"]), dict(meta, steps=config.steps))
 
