@@ -18,7 +18,8 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-#: Target platforms, as ``jax.export`` names them (``"gpu"`` is accepted for ``"cuda"``).
+#: Target platforms, as ``jax.export`` names them (``"gpu"`` is accepted for ``"cuda"``). Adding a
+#: platform (AMD's ``"rocm"``, say, once it can be tested) means adding it here.
 PLATFORMS = ("cpu", "cuda", "gpu", "tpu")
 #: Attention implementations (:mod:`seggpt_jax.nn.attention`).
 ATTENTION_IMPLS = ("auto", "plain", "chunked", "flash", "widened")
