@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from . import stacking
+from .nn.paths import path_key, stack_start
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def shard_model(model: nnx.Module, mesh: Mesh, *, weights: str = "replicated") -
     state = nnx.state(model)
     for path, var in nnx.to_flat_state(state):
         value = var[...]
-        stacked = stacking.stack_start(stacking.join(path)) is not None
+        stacked = stack_start(path_key(path)) is not None
         var[...] = _global_array(value, NamedSharding(mesh, _weight_spec(tuple(value.shape), mesh, weights, stacked)))
     nnx.update(model, state)
     return model

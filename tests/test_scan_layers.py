@@ -16,7 +16,8 @@ from conftest import HFModel, max_abs, random_bool_masked_pos, random_inputs, to
 from flax import nnx
 from test_train_state import _batches  # the same query size and patch grid as SMALL here
 
-from seggpt_jax import RuntimeConfig, SegGptConfig, SegGptForImageSegmentation, SegGptModel, stacking
+from seggpt_jax import RuntimeConfig, SegGptConfig, SegGptForImageSegmentation, SegGptModel
+from seggpt_jax.nn import paths
 from seggpt_jax.nn.inputs import prepare
 from seggpt_jax.nn.models import _forward_jit
 from seggpt_jax.train.trainer import Trainer, TrainConfig, check_trainable, frozen_layers
@@ -34,21 +35,21 @@ def _copy(params: dict) -> dict[str, np.ndarray]:
 
 # ------------------------------------------------------------------------------------ the layout
 def test_stack_paths_and_conversions():
-    assert stacking.layer_paths("model.encoder.stacks.3.mlp.lin1.kernel", 2) == [
+    assert paths.layer_paths("model.encoder.stacks.3.mlp.lin1.kernel", 2) == [
         "model.encoder.layers.3.mlp.lin1.kernel", "model.encoder.layers.4.mlp.lin1.kernel"]
-    assert stacking.layer_paths("opt_state.0.mu.model.encoder.stacks.12.attention.qkv.kernel.value", 1) == [
+    assert paths.layer_paths("opt_state.0.mu.model.encoder.stacks.12.attention.qkv.kernel.value", 1) == [
         "opt_state.0.mu.model.encoder.layers.12.attention.qkv.kernel.value"]
-    assert stacking.layer_paths("encoder.stacks.0.attention.rel_pos_h", 1) == ["encoder.layers.0.attention.rel_pos_h"]
+    assert paths.layer_paths("encoder.stacks.0.attention.rel_pos_h", 1) == ["encoder.layers.0.attention.rel_pos_h"]
     for other in ("model.encoder.layers.3.mlp.lin1.kernel", "decoder.decoder_embed.kernel", "model.encoder.stacks"):
-        assert stacking.layer_paths(other, 4) == [other] and stacking.stack_start(other) is None
+        assert paths.layer_paths(other, 4) == [other] and paths.stack_start(other) is None
     stacked = {"model.encoder.stacks.2.b": np.arange(6).reshape(3, 2), "decoder.a": np.ones(2)}
-    rows = stacking.per_layer(stacked)
+    rows = paths.per_layer(stacked)
     assert sorted(rows) == ["decoder.a", "model.encoder.layers.2.b", "model.encoder.layers.3.b",
                             "model.encoder.layers.4.b"]
     np.testing.assert_array_equal(rows["model.encoder.layers.3.b"], [2, 3])
-    back = stacking.stacked_like(rows, {k: v.shape for k, v in stacked.items()}, np.stack)
+    back = paths.stacked_like(rows, {k: v.shape for k, v in stacked.items()}, np.stack)
     assert all(np.array_equal(back[k], stacked[k]) for k in stacked)
-    assert stacking.row_index({k: v.shape for k, v in stacked.items()})["model.encoder.layers.4.b"] == (
+    assert paths.row_index({k: v.shape for k, v in stacked.items()})["model.encoder.layers.4.b"] == (
         "model.encoder.stacks.2.b", 2)
 
 

@@ -521,3 +521,46 @@ def test_ctrl_c_inside_jits_static_argument_comparison_is_an_interrupt(monkeypat
     monkeypatch.setattr(segment, "run_segment", run)
     parser_run = main(["segment", "x.jpg", "--prompt-image", "p", "--prompt-mask", "m", "--out-dir", "o"])
     assert parser_run == 130 and "interrupted" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ one surface
+def _options(command):
+    from seggpt_jax.cli.main import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    return {option: action for action in sub._actions for option in action.option_strings}, sub
+
+
+@pytest.mark.parametrize("command, option", [("video", "--context-frames"), ("finetune", "--seed"),
+                                             ("evaluate", "--fold"), ("tune-prompt", "--seed")])
+def test_every_default_is_shown_zero_included(command, option, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    after = text[text.rindex(option):]  # its help entry, after the usage lines
+    assert "(default: 0)" in after[:400], after[:400]
+
+
+@pytest.mark.parametrize("command", ["segment", "video", "finetune", "tune-prompt", "evaluate", "convert", "export",
+                                     "info", "serve"])
+def test_every_command_that_takes_a_model_takes_model(command):
+    options, _ = _options(command)
+    assert "--model" in options
+
+
+@pytest.mark.parametrize("command", ["segment", "video", "finetune", "tune-prompt", "evaluate", "convert", "export"])
+def test_every_command_that_writes_takes_overwrite(command):
+    assert "--overwrite" in _options(command)[0]
+
+
+@pytest.mark.parametrize("command", ["segment", "video", "finetune", "tune-prompt", "evaluate", "convert", "serve"])
+def test_every_command_that_compiles_takes_a_compilation_cache(command):
+    assert "--compilation-cache" in _options(command)[0]
+
+
+def test_a_positional_model_or_model_but_not_both(hf_tiny, capsys):
+    _, model = hf_tiny("nonsquare")
+    assert main(["info", "--model", model]) == 0 and "parameters" in capsys.readouterr().out
+    assert main(["info", model, "--model", model]) == 1
+    assert "give the model as MODEL or --model, once" in capsys.readouterr().err
+    assert main(["info"]) == 1 and "give the model: MODEL (or --model)" in capsys.readouterr().err

@@ -21,7 +21,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                     "schema at /openapi.json, and a demo page at /. Requests are batched by prompt count; every "
                     "batch size is compiled before /readyz says ready. SIGTERM finishes the requests in flight, "
                     "refuses new ones (503) and exits 0. Needs the serve extra: pip install 'seggpt-jax[serve]'.")
-    serve.add_argument("model", metavar="MODEL", help="Hub repo id, local folder or weight file")
+    common.add_positional_model(serve, "MODEL", "Hub repo id, local folder or weight file")
     net = serve.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     net.add_argument("--port", type=_port, default=8000, help="port to listen on (0: a free one, printed)")
@@ -92,15 +92,15 @@ def run_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise UserError(f"seggpt-jax serve needs the serve extra ({e.name} is missing): pip install "
                         f"'seggpt-jax[serve]'") from None
+    source = common.resolve_model_argument(args)
     if args.compilation_cache and args.no_compilation_cache:
         raise UserError("use either --compilation-cache DIR or --no-compilation-cache, not both")
-    if args.compilation_cache and os.path.exists(args.compilation_cache) and not os.path.isdir(args.compilation_cache):
-        raise UserError(f"--compilation-cache {args.compilation_cache} exists and is not a folder")
+    common.check_compilation_cache(args)
     from ..serve.engine import ServeSettings
     from ..serve.server import ListenError, ServeFailure, bind, serve
 
     settings = ServeSettings(
-        model=args.model, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+        model=source, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         max_prompts=args.max_prompts, max_body_mb=args.max_body_mb, request_timeout_s=args.request_timeout_s,
         prompt_cache_mb=args.prompt_cache_mb, decode_threads=args.decode_threads or min(4, os.cpu_count() or 1),
         ensemble_mode=args.ensemble_mode)
@@ -117,13 +117,13 @@ def run_serve(args: argparse.Namespace) -> int:
 
         # float32: the library's defaults, so that answers equal Segmenter.from_pretrained(MODEL)'s
         options = {} if args.dtype == "float32" else {"dtype": jnp.dtype(args.dtype)}
-        model = common.load_model(args, args.model, **options)
+        model = common.load_model(args, source, **options)
         return Segmenter(model, ensemble_mode=args.ensemble_mode, compilation_cache=cache)
 
     try:
         return serve(settings, load, sock=sock, log_level=args.log_level,
                      on_listening=lambda url: status(f"listening on {url} (warming up: /readyz says when ready)"))
     except ServeFailure as e:
-        raise UserError(f"cannot serve {args.model}: {e}") from None
+        raise UserError(f"cannot serve {source}: {e}") from None
     finally:
         sock.close()

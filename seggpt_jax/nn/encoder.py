@@ -113,7 +113,7 @@ class SegGptEncoder(nnx.Module):
 
     Layers run segment by segment (:func:`layer_segments`). Unscanned (``scan_layers=False``) they are
     ``layers.{i}``. Scanned, each segment is one stack (``stacks.{first layer}``: a layer module whose
-    parameters have a leading layer axis, :mod:`seggpt_jax.stacking`) run as one ``lax.scan`` over its
+    parameters have a leading layer axis, :mod:`seggpt_jax.nn.paths`) run as one ``lax.scan`` over its
     parameters as they are stored: nothing is stacked or copied per call. Either way a seed gives the
     same weights: the layers are drawn one by one, then stacked.
     """
@@ -141,9 +141,9 @@ class SegGptEncoder(nnx.Module):
         # x: [2B, h, w, C]
         config = self.config
         merge, taps = config.merge_index, set(config.intermediate_hidden_state_indices)
-        if settings.runtime.scan_layers != self.scanned:
+        if settings.plan.scan_layers != self.scanned:
             raise ValueError(f"the encoder holds its layers {'stacked' if self.scanned else 'one by one'} but the "
-                             f"settings say scan_layers={settings.runtime.scan_layers}; change it with "
+                             f"settings say scan_layers={settings.plan.scan_layers}; change it with "
                              f"model.with_runtime(scan_layers=...), which converts the parameters")
         layers = config.num_hidden_layers
         rates = jnp.asarray(config.drop_path_rates(), jnp.float32)  # [layers]
@@ -180,7 +180,7 @@ class SegGptEncoder(nnx.Module):
 
         With a remat policy each layer is one :func:`~seggpt_jax.nn.ops.remat` call over its parameters:
         the backward pass recomputes it from what the policy saves, one layer at a time."""
-        runtime = settings.runtime
+        plan = settings.plan
         if self.scanned:
             graphdef, stacked = nnx.split(self.stacks[str(start)])  # leaves [stop - start, ...]
         else:
@@ -191,8 +191,8 @@ class SegGptEncoder(nnx.Module):
                                               keys=(None, None) if layer_keys is None else (layer_keys[0],
                                                                                             layer_keys[1]))
 
-        if runtime.remat_policy is not None:
-            apply = remat(apply, remat_policy(runtime.remat_policy))
+        if plan.remat_policy is not None:
+            apply = remat(apply, remat_policy(plan.remat_policy))
         if not self.scanned or stop - start == 1:
             inputs = []
             for i in range(start, stop):

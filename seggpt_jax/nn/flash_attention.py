@@ -73,21 +73,20 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
+from ..runtime import FLASH_LSE_NAME, FLASH_OUT_NAME, backend_of
 from . import flash_kernels as kernels
 from .flash_kernels import HALF_MASK, TPU_LANES, TRITON_MIN_DOT, BlockSizes, KernelSpec
 from .ops import relative_tables
 
 __all__ = ["BIAS_MODES", "GPU_BACKENDS", "BlockSizes", "FlashOptions", "Partitioning", "attention_flash", "default_bias"]
 
-PLATFORMS = ("cpu", "gpu", "cuda", "rocm", "tpu")
 BIAS_MODES = ("rows", "onehot")
 #: Pallas GPU backends this kernel is written for (module docstring: why not Mosaic GPU).
 GPU_BACKENDS = ("triton",)
 _MAX_ROW_WIDTH = 128  # "rows" is the GPU default while a padded grid row fits one 128-key block
 #: ``checkpoint_name`` of the residuals the backward pass takes from the forward: the output
 #: ``[B, heads, N_pad, hd]`` and the per-query log-sum-exp ``[B, heads, N_pad, 1]`` float32.
-OUT_NAME = "flash_out"
-LSE_NAME = "flash_lse"
+OUT_NAME, LSE_NAME = FLASH_OUT_NAME, FLASH_LSE_NAME  # runtime owns the names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,13 +115,6 @@ class FlashOptions:
         return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
 
 
-def _canonical_platform(platform: str | None) -> str:
-    platform = (platform or jax.default_backend()).lower()
-    if platform not in PLATFORMS:
-        raise ValueError(f"platform must be one of {PLATFORMS}, got {platform!r}")
-    return "gpu" if platform in ("cuda", "rocm") else platform
-
-
 def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
@@ -134,7 +126,7 @@ def _next_pow2(x: int) -> int:
 def default_bias(platform: str | None, grid: tuple[int, int]) -> str:
     """The ``bias`` mode ``None`` means: ``"rows"`` on GPU while a grid row padded to a power of two
     fits one 128-key block, ``"onehot"`` otherwise and on TPU and CPU (module docstring)."""
-    return "rows" if _canonical_platform(platform) == "gpu" and _next_pow2(grid[1]) <= _MAX_ROW_WIDTH else "onehot"
+    return "rows" if backend_of(platform) == "gpu" and _next_pow2(grid[1]) <= _MAX_ROW_WIDTH else "onehot"
 
 
 # ------------------------------------------------------------------------------------ partitioning
@@ -269,7 +261,7 @@ def attention_flash(
         raise ValueError(f"q, k, v must share one shape, got {q.shape}, {k.shape}, {v.shape}")
     if gpu_backend not in GPU_BACKENDS:
         raise ValueError(f"gpu_backend must be one of {GPU_BACKENDS}, got {gpu_backend!r}")
-    platform = _canonical_platform(platform)
+    platform = backend_of(platform)
     interpret = platform == "cpu" if interpret is None else interpret
     bias = default_bias(platform, grid) if bias is None else bias
     if bias not in BIAS_MODES:

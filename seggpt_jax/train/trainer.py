@@ -11,7 +11,7 @@ half as at inference) and the smooth-L1 painter loss is taken over the masked, v
     >>> model = SegGptForImageSegmentation.from_pretrained("BAAI/seggpt-vit-large")
     >>> data = FolderDataset("examples", images="queries", masks="ground_truth").validate()
     >>> config = TrainConfig(steps=2, batch_size=2, warmup_steps=1)  # ~2000 steps for a real task
-    >>> trainer = Trainer(model, config, batches=EpisodeBatches(data, model.config, batch_size=2))
+    >>> trainer = Trainer(model, config, batches=EpisodeBatches(data, model, batch_size=2))
     >>> run = tempfile.mkdtemp()
     >>> history = trainer.fit(checkpoint_dir=run)   # checkpoints in run/step_N, run/latest names the last
     >>> Trainer.restore(run).step_count             # resumes exactly where it stopped
@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import re
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -39,14 +38,17 @@ import numpy as np
 import optax
 from flax import nnx
 
-from .. import stacking
 from ..config import SegGptConfig
-from ..runtime import RuntimeConfig
+from ..runtime import COMPUTE_DTYPES, RuntimeConfig
 from ..data import Augment, Dataset, Prefetcher, resize_valid
-from ..nn.models import SegGptForImageSegmentation, painter_loss_terms
-from ..imaging.processor import SegGptImageProcessor
-from ..files import OutputFolder
-from .state import load_tree, point_latest, prune_checkpoints, resolve_checkpoint, save_tree, write_folder, write_json
+from ..models import SegGptForImageSegmentation
+from ..nn.inputs import default_embedding_type
+from ..nn.models import painter_loss_terms
+from ..nn.paths import layer_paths, stack_start
+from ..weights import path_key
+from ..imaging.processor import as_processor
+from ..files import OutputFolder, replace_folder, write_json
+from .state import LossLog, due, load_tree, point_latest, prune_checkpoints, resolve_checkpoint, save_tree
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +86,7 @@ class TrainConfig:
                                                                          "half_mask_prob must be in [0, 1]"),
             (self.grad_accum >= 1 and self.batch_size % self.grad_accum == 0,
              "grad_accum must divide batch_size"),
-            (self.dtype in ("float32", "bfloat16"), "dtype must be float32 or bfloat16"),
+            (self.dtype in COMPUTE_DTYPES, f"dtype must be one of {COMPUTE_DTYPES}"),
             (self.layer_decay is None or 0 < self.layer_decay <= 1, "layer_decay must be in (0, 1]"),
         ]
         bad = [message for ok, message in checks if not ok]
@@ -103,18 +105,14 @@ class TrainConfig:
 
 
 # ------------------------------------------------------------------------------------ parameters
-def _path(path: tuple) -> str:
-    return ".".join(str(p) for p in path)
-
-
 def trainable_rows(spec: str, name: str, shape: tuple[int, ...]) -> list[bool]:
     r"""Which layers of the parameter at dotted path ``name`` ``spec`` selects: one flag, or, for a stacked
-    parameter of a scanned model (:mod:`seggpt_jax.stacking`), one per row.
+    parameter of a scanned model (:mod:`seggpt_jax.nn.paths`), one per row.
 
     ``spec`` is ``"all"``, ``"decoder"``, or a regex searched in each *layer path*
     (``model.encoder.layers.21.mlp.lin1.kernel``), whatever the model's layout: ``r"encoder\.layers\.2[0-3]\."``
     means layers 20 to 23 in a scanned model too."""
-    names = stacking.layer_paths(name, shape[0] if stacking.stack_start(name) is not None else 1)
+    names = layer_paths(name, shape[0] if stack_start(name) is not None else 1)
     if spec == "all":
         return [True] * len(names)
     pattern = re.compile(r"^decoder\." if spec == "decoder" else spec)
@@ -128,14 +126,14 @@ def trainable_filter(spec: str):
     if spec == "all":
         return nnx.Param
     re.compile(spec)  # validates
-    return nnx.All(nnx.Param, lambda path, value: any(trainable_rows(spec, stacking.join(path), tuple(value.shape))))
+    return nnx.All(nnx.Param, lambda path, value: any(trainable_rows(spec, path_key(path), tuple(value.shape))))
 
 
 def check_trainable(config: SegGptConfig, spec: str) -> int:
     """The number of parameter arrays ``spec`` selects in a model of ``config``; a ``ValueError`` that
     shows the parameter paths it could have matched when it selects none."""
     abstract = nnx.eval_shape(lambda: _build(config))
-    paths = [_path(path) for path, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param))]
+    paths = [path_key(path) for path, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param))]
     selected = [p for p, _ in nnx.to_flat_state(nnx.state(abstract, trainable_filter(spec)))]
     if not selected:
         layer = re.compile(r"\.layers\.(\d+)\.")
@@ -158,7 +156,7 @@ def _no_decay(name: str) -> bool:
 def _per_row(name: str, shape: tuple[int, ...], values: list) -> Any:
     """One value per layer of a parameter as a multiplier of its updates: the value itself for one
     layer, a ``[rows, 1, ...]`` float32 array for a stacked parameter."""
-    if stacking.stack_start(name) is None:
+    if stack_start(name) is None:
         return values[0]
     return np.asarray(values, np.float32).reshape((len(values),) + (1,) * (len(shape) - 1))
 
@@ -172,7 +170,7 @@ def _scale_updates(factors) -> optax.GradientTransformation:
 
 
 def _named_shapes(leaves) -> list[tuple[str, tuple[int, ...]]]:
-    return [(stacking.join(path), tuple(value.shape)) for path, value in leaves]
+    return [(path_key(path), tuple(value.shape)) for path, value in leaves]
 
 
 def frozen_layers(model: nnx.Module, spec: str) -> set[str]:
@@ -181,7 +179,7 @@ def frozen_layers(model: nnx.Module, spec: str) -> set[str]:
     leaves = nnx.to_flat_state(nnx.state(model, trainable_filter(spec)))
     frozen = set()
     for name, shape in _named_shapes(leaves):
-        names = stacking.layer_paths(name, shape[0]) if stacking.stack_start(name) is not None else [name]
+        names = layer_paths(name, shape[0]) if stack_start(name) is not None else [name]
         frozen.update(n for n, selected in zip(names, trainable_rows(spec, name, shape)) if not selected)
     return frozen
 
@@ -240,7 +238,7 @@ def make_optimizer(model: nnx.Module, config: TrainConfig) -> nnx.Optimizer:
     if config.layer_decay is not None:
         layers, decay = model.config.num_hidden_layers, config.layer_decay
         chain.append(_scale_updates(tree(lambda name, shape: _per_row(
-            name, shape, [_layer_scale(n, layers, decay) for n in stacking.layer_paths(name, shape[0] if shape else 1)]))))
+            name, shape, [_layer_scale(n, layers, decay) for n in layer_paths(name, shape[0] if shape else 1)]))))
     tx = optax.chain(*chain)
     if not all(all(f) for f in flags.values()):
         tx = _frozen_rows(tx, masks)
@@ -267,16 +265,20 @@ class EpisodeBatches:
 
     Each row takes two different samples of one group (prompt and query), augments each, paints their
     masks (binary: white foreground; class ids: the SegGPT palette) and draws the patch mask.
+
+    ``model`` is the model to train (its config and its processor, :func:`~seggpt_jax.imaging.processor.processor_for`),
+    or a :class:`SegGptConfig` (the default processing at its size).
     """
 
-    def __init__(self, dataset: Dataset, model_config: SegGptConfig, *, batch_size: int = 8, seed: int = 0,
+    def __init__(self, dataset: Dataset, model: Any, *, batch_size: int = 8, seed: int = 0,
                  augment: Augment | None = Augment(), mask_ratio: float = 0.75, half_mask_prob: float = 0.0,
                  embedding_type: str | None = None):
+        model_config = model.config if hasattr(model, "config") else model
         self.dataset, self.config = dataset, model_config
         self.batch_size, self.seed, self.augment = batch_size, seed, augment
         self.mask_ratio, self.half_mask_prob = mask_ratio, half_mask_prob
-        self.instance = (embedding_type or ("instance" if dataset.num_labels is None else "semantic")) == "instance"
-        self.processor = SegGptImageProcessor(size=model_config.query_size)
+        self.instance = (embedding_type or default_embedding_type(dataset.num_labels)) == "instance"
+        self.processor = as_processor(model)
         self._groups = [members for _, members in sorted(dataset.groups().items())]
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
@@ -316,7 +318,7 @@ def training_view(model: nnx.Module, config: TrainConfig) -> nnx.Module:
     """The model with ``config``'s training settings (compute dtype, remat policy), over the caller's
     parameter Variables: training it updates the caller's parameters (as ``nnx.Optimizer`` does);
     the caller's settings never change."""
-    settings = {"dtype": jnp.bfloat16} if config.dtype == "bfloat16" else {}
+    settings = {"dtype": config.dtype}
     if config.remat_policy is not None:
         settings["runtime"] = dataclasses.replace(model.settings.runtime, remat_policy=config.remat_policy)
     return model.with_settings(shared=True, **settings)
@@ -326,9 +328,8 @@ def batch_loss_terms(model, batch: dict, dropout_rng=None) -> tuple[jax.Array, j
     """(numerator, count) of the painter loss of ``model`` on one batch."""
     out = model(batch["pixel_values"], batch["prompt_pixel_values"], batch["prompt_masks"],
                 bool_masked_pos=batch["bool_masked_pos"], labels=batch["labels"], embedding_type=batch["is_instance"],
-                dropout_rng=dropout_rng)
-    return painter_loss_terms(model.config, out.pred_masks, batch["prompt_masks"], batch["labels"],
-                              batch["bool_masked_pos"], batch.get("valid"))
+                dropout_rng=dropout_rng, valid=batch.get("valid"))
+    return out.loss_terms
 
 
 def _make_step(graphdef, wrt, accum: int, drop_path: bool):
@@ -421,21 +422,18 @@ class Trainer:
             raise ValueError(f"keep_checkpoints must be a positive integer or None, got {keep_checkpoints!r}")
         run = OutputFolder(checkpoint_dir) if checkpoint_dir else None
         end = self.config.steps if stop_after is None else min(self.config.steps, self.step_count + stop_after)
-        start_time, losses = time.perf_counter(), []
+        losses = LossLog(self.config.log_every, end)
         for batch in Prefetcher(self.batches, self.step_count, end):
             loss = self.train_step(batch)
-            losses.append(loss)
             step = self.step_count
-            if step % self.config.log_every == 0 or step == end:
-                record = {"step": step, "loss": float(np.mean([float(v) for v in losses])),
-                          "seconds": round(time.perf_counter() - start_time, 3)}
-                losses = []
-                if evaluate is not None and eval_every and (step % eval_every == 0 or step == end):
+            record = losses.add(step, loss)
+            if record is not None:
+                if evaluate is not None and eval_every and due(step, eval_every, end):
                     record.update(evaluate())
                 self.history.append(record)
                 if log is not None:
                     log(record)
-            if run is not None and (step % self.config.checkpoint_every == 0 or step == end):
+            if run is not None and due(step, self.config.checkpoint_every, end):
                 name = f"step_{step:07d}"
                 self.save(os.path.join(checkpoint_dir, name), output=run)
                 point_latest(checkpoint_dir, name, output=run)  # only once the checkpoint is complete
@@ -457,7 +455,7 @@ class Trainer:
                        {"step": self.step_count, "config": self.config.to_json(), "history": self.history})
 
         if output is None:
-            write_folder(directory, fill)
+            replace_folder(directory, fill)
         else:
             output.write_folder(os.path.basename(os.path.normpath(directory)), fill, replace=True)
 
@@ -535,8 +533,6 @@ def abstract_batch(config: SegGptConfig, batch_size: int) -> dict[str, jax.Shape
 def compile_step(config: SegGptConfig, train: TrainConfig, runtime: RuntimeConfig | None = None):
     """The :class:`Trainer`'s step for ``config`` and ``train``, compiled for abstract parameters and an
     abstract batch of ``train.batch_size``: ``jax.stages.Compiled`` (``.memory_analysis()``, ``.cost_analysis()``)."""
-    from ..nn.models import SegGptForImageSegmentation
-
     def build() -> tuple[nnx.Module, nnx.Optimizer]:
         model = training_view(SegGptForImageSegmentation(config, runtime=runtime, rngs=nnx.Rngs(0)), train)
         return model, make_optimizer(model, train)
@@ -551,8 +547,8 @@ def estimate_memory(config: SegGptConfig, batch_size: int, *, remat_policy: str 
     """The memory a :class:`Trainer` step needs, from the compiled step alone (nothing is allocated or run).
 
     ``train`` gives the rest of the training setup (dtype, trainable parameters, grad accumulation,
-    its remat policy); ``batch_size``, and ``remat_policy`` when given, override its own. ViT-L takes
-    30-90 s to compile on 2 CPU cores and about 1.5 GB of memory.
+    its remat policy); ``batch_size``, and ``remat_policy`` when given, override its own. Compiling a
+    ViT-L step takes tens of seconds on a CPU.
 
         >>> from seggpt_jax import SegGptConfig
         >>> from seggpt_jax.train import estimate_memory

@@ -15,19 +15,20 @@ import json
 import logging
 import math
 import os
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .. import stacking
 from ..files import atomic_save
+from ..nn.paths import layer_paths, path_key, per_layer, row_index, stack_start  # noqa: F401 (path_key re-exported)
 from ..config import ConfigError, SegGptConfig
-from . import hub
+from .. import hub
+from ..version import __version__
 from .readers import CheckpointError, TensorReader, open_weights
-from .tables import NATIVE, NATIVE_METADATA_KEY, TABLES, TRANSFORMERS, Table, Transform, detect_format
+from .tables import IDENTITY, NATIVE, NATIVE_METADATA_KEY, TABLES, TRANSFORMERS, Table, Transform, detect_format
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +42,9 @@ _MAX_LISTED = 40
 def flat_parameters(model: nnx.Module) -> dict[str, Any]:
     """``{"model.encoder.layers.0.attention.qkv.kernel": Variable, ...}`` for a model or its abstract twin:
     the Variables as the model holds them (a scanned model's stacked, at ``...encoder.stacks.{first}...``:
-    :mod:`seggpt_jax.stacking`)."""
+    :mod:`seggpt_jax.nn.paths`)."""
     _, state = nnx.split(model)
-    return {stacking.join(path): var for path, var in nnx.to_flat_state(state)}
+    return {path_key(path): var for path, var in nnx.to_flat_state(state)}
 
 
 def layer_parameters(tree: nnx.Module | nnx.State) -> dict[str, Any]:
@@ -51,7 +52,7 @@ def layer_parameters(tree: nnx.Module | nnx.State) -> dict[str, Any]:
     say): the arrays of :func:`flat_parameters`, a stacked one split into its layers' rows under their
     per-layer paths, so a scanned and an unscanned model give the same keys and values."""
     state = tree if isinstance(tree, nnx.State) else nnx.split(tree)[1]
-    return stacking.per_layer({stacking.join(path): var.get_value() for path, var in nnx.to_flat_state(state)})
+    return per_layer({path_key(path): var.get_value() for path, var in nnx.to_flat_state(state)})
 
 
 def _path_prefix(cls: type) -> str:
@@ -70,9 +71,9 @@ def fill_parameters(reader: TensorReader, table: Table, abstract: dict[str, Any]
     """Map every tensor of ``reader`` onto ``abstract`` (path -> abstract Variable); raise on any problem.
 
     The table names per-layer paths (``...encoder.layers.{i}...``); a stacked parameter of a scanned model
-    (``...encoder.stacks.{first}...``, :mod:`seggpt_jax.stacking`) is filled row by row from its layers'
+    (``...encoder.stacks.{first}...``, :mod:`seggpt_jax.nn.paths`) is filled row by row from its layers'
     tensors, so every layout loads into either kind of model and problems are named per layer."""
-    rows = stacking.row_index({path: tuple(var.shape) for path, var in abstract.items()})
+    rows = row_index({path: tuple(var.shape) for path, var in abstract.items()})
     filled: dict[str, jax.Array] = {}
     pending: dict[str, dict[int, jax.Array]] = {}  # stacked path -> the rows read so far
     origin: dict[str, str] = {}
@@ -165,8 +166,9 @@ def load_pretrained(cls: type, name_or_path: str | os.PathLike, *, revision: str
                     cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
                     token: str | bool | None = None, config: SegGptConfig | None = None,
                     dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, precision: Any = None,
-                    runtime: Any = None, layout: str | None = None):
-    """See :meth:`seggpt_jax.SegGptForImageSegmentation.from_pretrained`."""
+                    runtime: Any = None, layout: str | None = None, model_kwargs: dict[str, Any] | None = None):
+    """See :meth:`seggpt_jax.SegGptForImageSegmentation.from_pretrained` (``cls`` is built with
+    ``model_kwargs`` besides the config and settings)."""
     resolved = hub.resolve(name_or_path, revision=revision, cache_dir=cache_dir,
                                local_files_only=local_files_only, token=token)
     with open_weights(resolved.weights) as reader:
@@ -186,13 +188,13 @@ def load_pretrained(cls: type, name_or_path: str | os.PathLike, *, revision: str
                                       f"(first keys: {keys[:8]}); expected transformers, original BAAI or "
                                       f"seggpt-jax names")
         abstract_model = nnx.eval_shape(lambda: cls(cfg, dtype=dtype, param_dtype=param_dtype, precision=precision,
-                                                    runtime=runtime, rngs=nnx.Rngs(0)))
+                                                    runtime=runtime, rngs=nnx.Rngs(0), **(model_kwargs or {})))
         graphdef, abstract_state = nnx.split(abstract_model)
         flat_abstract = nnx.to_flat_state(abstract_state)
-        abstract = {".".join(str(p) for p in path): var for path, var in flat_abstract}
+        abstract = {path_key(path): var for path, var in flat_abstract}
         filled = fill_parameters(reader, table, abstract, prefix=_path_prefix(cls), param_dtype=jnp.dtype(param_dtype),
                                  model_name=f"{cls.__name__} built from {cfg_source}")
-    leaves = [(path, var.replace(filled[".".join(str(p) for p in path)])) for path, var in flat_abstract]
+    leaves = [(path, var.replace(filled[path_key(path)])) for path, var in flat_abstract]
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
@@ -215,14 +217,10 @@ def save_pretrained(model: nnx.Module, directory: str | os.PathLike, layout: str
     (:meth:`~seggpt_jax.weights.tables.Table.source_for`), never from a transformers model. A scanned
     model's stacked parameters are written one layer at a time under their per-layer names, in the
     same order, so a scanned and an unscanned model with the same weights write the same bytes.
-    Tensors are brought to the host, transposed and written one at a time, so saving needs at most
-    the largest tensor beyond the model itself. Measured on ViT-L (1.48 GB of float32 on CPU; ``python
-    benchmarks/weights_memory.py``), peak RSS rise: ours +0.00 GB, transformers and original +0.27 GB
-    (``decoder_embed``, transposed); ``safetensors.numpy.save_file`` of the transposed arrays would
-    need +1.46 GB, which is why this writes the (simple) format itself.
+    Tensors are brought to the host, transposed and written one at a time (:func:`write_safetensors`),
+    so saving needs at most the largest tensor beyond the model itself (``python -m
+    benchmarks.weights_memory`` measures it, ``benchmarks/RESULTS.md``).
     """
-    from .. import __version__
-
     if layout not in TABLES:
         raise ValueError(f"layout must be one of {sorted(TABLES)}, got {layout!r}")
     table = TABLES[layout]
@@ -231,7 +229,7 @@ def save_pretrained(model: nnx.Module, directory: str | os.PathLike, layout: str
         raise NotADirectoryError(f"save_pretrained needs a directory, but {directory} is a file")
     config: SegGptConfig = model.config
     prefix = _path_prefix(type(model))
-    tensors: dict[str, _Tensor] = {}
+    tensors: dict[str, tuple[jax.Array, Transform, int | None]] = {}
     unnamed = []
     for path, array, row in _layer_order(flat_parameters(model)):
         hit = table.source_for(prefix + path, optional=not prefix)  # the encoder alone: no ``model.`` prefix
@@ -241,11 +239,11 @@ def save_pretrained(model: nnx.Module, directory: str | os.PathLike, layout: str
         key, transform = hit
         if key in tensors:
             raise CheckpointError(f"{layout} layout: two parameters of {type(model).__name__} map to {key}")
-        tensors[key] = _Tensor(array, transform, row)
+        tensors[key] = (array, transform, row)
     if unnamed:
         raise CheckpointError(f"the {layout} layout has no name for {len(unnamed)} parameters of "
                               f"{type(model).__name__}: {unnamed[:8]}")
-    dtypes = sorted({jnp.dtype(tensor.array.dtype).name for tensor in tensors.values()})
+    dtypes = sorted({jnp.dtype(array.dtype).name for array, _, _ in tensors.values()})
     architecture = type(model).__name__  # our class names are transformers' own
     os.makedirs(directory, exist_ok=True)
     if table is NATIVE:
@@ -260,7 +258,7 @@ def save_pretrained(model: nnx.Module, directory: str | os.PathLike, layout: str
         files = {ORIGINAL_WEIGHTS_NAME: {"format": "pt", "config": json.dumps(config.to_dict(), sort_keys=True)}}
         extra = None  # the BAAI layout has no config.json
     for name, metadata in files.items():
-        atomic_save(os.path.join(directory, name), lambda tmp: _write_safetensors(tmp, tensors, metadata))
+        atomic_save(os.path.join(directory, name), lambda tmp: write_safetensors(tmp, tensors, metadata))
     if extra is not None:
         config.to_json_file(os.path.join(directory, hub.CONFIG_NAME), **extra)
     others = sorted(set(os.listdir(directory)) & (set(hub.WEIGHT_NAMES) | set(hub.ORIGINAL_NAMES)) - set(files))
@@ -270,45 +268,42 @@ def save_pretrained(model: nnx.Module, directory: str | os.PathLike, layout: str
                        list(hub.WEIGHT_NAMES))
 
 
-class _Tensor(NamedTuple):
-    """One tensor to write: ``array`` (``array[row]`` for a row of a stacked parameter) in ``transform``'s source layout."""
-
-    array: jax.Array
-    transform: Transform
-    row: int | None = None
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.array.shape if self.row is None else self.array.shape[1:])
-
-
 def _layer_order(parameters: dict[str, Any]) -> list[tuple[str, jax.Array, int | None]]:
-    """``(layer path, array, row)`` for every parameter, a stacked one once per layer
-    (:mod:`seggpt_jax.stacking`), in the order of an unscanned model's parameters (layers by number)."""
+    """``(layer path, array, row)`` for every parameter, a stacked one once per layer, row ``None`` for
+    the others (:mod:`seggpt_jax.nn.paths`), in the order of an unscanned model's parameters (layers by
+    number)."""
     items = []
     for path, var in parameters.items():
         array = var[...]
-        if stacking.stack_start(path) is None:
+        if stack_start(path) is None:
             items.append((path, array, None))
         else:
-            items.extend((name, array, row) for row, name in enumerate(stacking.layer_paths(path, array.shape[0])))
+            items.extend((name, array, row) for row, name in enumerate(layer_paths(path, array.shape[0])))
     return sorted(items, key=lambda item: tuple(int(p) if p.isdigit() else p for p in item[0].split(".")))
 
 
-# safetensors dtype codes of the parameter dtypes we write.
-_SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+# safetensors dtype codes of the dtypes we write (parameters, and optimizer states' counters).
+_SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+                       "int32": "I32", "int16": "I16", "int8": "I8", "uint64": "U64", "uint32": "U32", "uint16": "U16",
+                       "uint8": "U8", "bool": "BOOL"}
 
 
-def _write_safetensors(path: str, tensors: dict[str, _Tensor], metadata: dict[str, str]) -> None:
-    """The safetensors format (8-byte little-endian header size, JSON header padded to 8 bytes, raw
-    little-endian data), each tensor brought to the host, put in the source layout and written in turn."""
+def write_safetensors(path: str, tensors: dict[str, Any], metadata: dict[str, str]) -> None:
+    """The one safetensors writer of the package: the format (8-byte little-endian header size, JSON header
+    padded to 8 bytes, raw little-endian data), each tensor brought to the host, put in its file layout
+    and written in turn, so that writing holds one tensor beyond the arrays themselves. ``tensors`` maps
+    each key to an array, or to ``(array, transform)`` (:class:`~seggpt_jax.weights.tables.Transform`,
+    from our layout to the file's), or to ``(array, transform, row)``: the row ``array[row]`` of a stacked
+    array, sliced when it is written."""
+    tensors = {key: (value + (None,) * (3 - len(value))) if isinstance(value, tuple) else (value, IDENTITY, None)
+               for key, value in tensors.items()}
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
-    for key, tensor in tensors.items():
-        dtype = np.dtype(tensor.array.dtype)
+    for key, (array, transform, row) in tensors.items():
+        dtype = np.dtype(array.dtype)
         if dtype.name not in _SAFETENSORS_DTYPES:
             raise CheckpointError(f"{key}: cannot save parameters of dtype {dtype.name}")
-        shape = tensor.transform.source_shape(tensor.shape)
+        shape = transform.source_shape(tuple(array.shape) if row is None else tuple(array.shape[1:]))
         size = math.prod(shape) * dtype.itemsize
         header[key] = {"dtype": _SAFETENSORS_DTYPES[dtype.name], "shape": list(shape),
                        "data_offsets": [offset, offset + size]}
@@ -322,10 +317,11 @@ def _write_safetensors(path: str, tensors: dict[str, _Tensor], metadata: dict[st
         for array, transform, row in tensors.values():
             # device_put to the host: a copy of this one tensor from an accelerator, none for a CPU array
             # (a row of a stacked one: sliced on its device, so only that row travels).
-            data = np.asarray(jax.device_put(array if row is None else array[row], host))
-            data = np.ascontiguousarray(transform.invert(data))
+            array = array if row is None else array[row]
+            host_array = array if isinstance(array, np.ndarray) else np.asarray(jax.device_put(array, host))
+            data = np.ascontiguousarray(transform.invert(host_array))
             f.write(data.reshape(-1).view(np.uint8))
 
 
-__all__ = ["CheckpointError", "fill_parameters", "flat_parameters", "layer_parameters", "load_pretrained",
-           "save_pretrained"]
+__all__ = ["CheckpointError", "fill_parameters", "flat_parameters", "layer_parameters", "load_pretrained", "path_key",
+           "save_pretrained", "write_safetensors"]

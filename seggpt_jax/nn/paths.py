@@ -1,5 +1,5 @@
-"""Stacked layer parameters: the one path convention of a scanned encoder, and the conversions between
-the stacked layout and the per-layer one.
+"""Parameter paths: their one dotted spelling (:func:`path_key`), and the stacked layers of a scanned
+encoder with the conversions between the stacked layout and the per-layer one.
 
 With ``RuntimeConfig(scan_layers=True)`` the encoder keeps each run of layers it scans
 (:func:`seggpt_jax.nn.encoder.layer_segments`) as one *stack*: every parameter of those layers is one
@@ -26,9 +26,11 @@ STACKS, LAYERS = "stacks", "layers"
 _STACKED = re.compile(r"(^|\.)encoder\.stacks\.(\d+)\.")
 
 
-def join(path: Iterable[Any]) -> str:
-    """The dotted spelling of an NNX (or pytree) path: ``("model", "encoder", "layers", 3, ...)`` ->
-    ``"model.encoder.layers.3..."``."""
+def path_key(path: Iterable[Any]) -> str:
+    """The one spelling of a parameter's (or any pytree leaf's) path: dotted, ``model.encoder.layers.0.
+    attention.qkv.kernel``, from an NNX path (names and indices) or a ``jax.tree_util`` key path
+    (``DictKey``, ``SequenceKey``, ``GetAttrKey``). Checkpoints, optimizer states, trainable patterns
+    and exports all key by it."""
     return ".".join(str(getattr(part, "key", getattr(part, "idx", getattr(part, "name", part)))) for part in path)
 
 
@@ -97,5 +99,5 @@ def to_layout(arrays: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]],
     return stacked_like(per_layer(arrays), shapes, stack)
 
 
-__all__ = ["LAYERS", "STACKS", "join", "layer_paths", "per_layer", "row_index", "stack_start", "stacked_like",
+__all__ = ["LAYERS", "STACKS", "layer_paths", "path_key", "per_layer", "row_index", "stack_start", "stacked_like",
            "to_layout"]
