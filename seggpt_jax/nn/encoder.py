@@ -128,6 +128,7 @@ class SegGptEncoder(nnx.Module):
         self.layernorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, param_dtype=param_dtype)
 
     def segments(self) -> list[tuple[int, int]]:
+        """This encoder's :func:`layer_segments`: the runs of layers that run (and, scanned, are held) together."""
         config = self.config
         return layer_segments(config.num_hidden_layers, config.merge_index, set(config.intermediate_hidden_state_indices))
 
