@@ -72,7 +72,7 @@ def _run(argv: list[str] | None) -> int:
         from ..config import ConfigError
         from ..data import DataError
         from ..imaging.decode import InputError
-        from ..weights import CheckpointError, ModelNotFoundError
+        from ..hub import CheckpointError, ModelNotFoundError
 
         common.route_messages()
         try:
