@@ -343,6 +343,7 @@ def test_a_12000_pixel_square_query_stays_within_its_documented_memory(w):
                             capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0 and "CODE 0" in result.stdout, result.stderr
     extra = int(result.stdout.split("EXTRA")[1].split()[0])
+    print(f"12000 x 12000 query: peak RSS rose {extra / 2**30:.2f} GiB, {extra / (size * size):.1f} bytes per pixel")
     assert extra <= BYTES_PER_QUERY_PIXEL * size * size, extra / (size * size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own output, read back
