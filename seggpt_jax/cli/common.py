@@ -85,9 +85,54 @@ def add_model_options(parser: argparse.ArgumentParser, *, inference: bool = True
     group = parser.add_argument_group("how the model runs")
     if inference:
         group.add_argument("--batch-size", type=positive_int, default=None,
-                           help="rows per forward (query x prompt pairs); default: the fastest per image for the "
-                                "device (1 on CPU, 32 on accelerators)")
+                           help="rows per forward (query x prompt pairs) on all devices together, rounded up to "
+                                "whole queries on every device; default: the fastest per image for the device (1 "
+                                "on CPU, 32 on accelerators) times the devices")
+    add_devices_option(group)
     add_compilation_cache_option(group)
+
+
+def add_devices_option(group) -> None:
+    group.add_argument("--devices", type=positive_int, default=None, metavar="N",
+                       help="run on the first N devices of this process (default: every device: data-parallel, "
+                            "the batch split over them)")
+
+
+def add_distributed_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("several hosts (jax.distributed)")
+    group.add_argument("--distributed", action="store_true",
+                       help="this process is one of a multi-host job (start the same command on every host): the "
+                            "coordinator, process count and id come from the three options below, or are detected "
+                            "on Cloud TPU pods, SLURM, Open MPI and Kubernetes JobSets")
+    group.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordination service")
+    group.add_argument("--num-processes", type=positive_int, metavar="N", help="processes in the job")
+    group.add_argument("--process-id", type=non_negative_int, metavar="I", help="this process's index, 0..N-1")
+
+
+def start_distributed(args: argparse.Namespace) -> None:
+    """``jax.distributed.initialize`` for ``--distributed`` (before anything touches a device)."""
+    given = [name for name in ("coordinator", "num_processes", "process_id") if getattr(args, name, None) is not None]
+    if not getattr(args, "distributed", False):
+        if given:
+            raise UserError(f"--{given[0].replace('_', '-')} belongs to a multi-host job: add --distributed")
+        return
+    if 0 < len(given) < 3 and "coordinator" in given:
+        missing = [f"--{n.replace('_', '-')}" for n in ("num_processes", "process_id") if n not in given]
+        raise UserError(f"--distributed --coordinator needs {' and '.join(missing)} too (or none of the three, "
+                        f"to detect the cluster)")
+    if args.num_processes is not None and args.process_id is not None and args.process_id >= args.num_processes:
+        raise UserError(f"--process-id {args.process_id} is not below --num-processes {args.num_processes}")
+    from .. import parallel
+
+    status("joining the multi-host job" + (f" at {args.coordinator}" if args.coordinator else "") + " ...")
+    try:
+        parallel.initialize(args.coordinator, args.num_processes, args.process_id)
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"--distributed: cannot join the job: {' '.join(str(e).split())[:300]}") from None
+    import jax
+
+    status(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local of "
+           f"{jax.device_count()} devices")
 
 
 def add_positional_model(parser: argparse.ArgumentParser, metavar: str, help_text: str) -> None:
@@ -340,8 +385,15 @@ def make_segmenter(args: argparse.Namespace, model=None, *, ensemble_mode: str |
     model = model if model is not None else load_model(args)
     extra = {"max_pixels": args.max_pixels} if hasattr(args, "max_pixels") else {}
     mode = ensemble_mode or getattr(args, "ensemble_mode", None) or "transformers"
-    return Segmenter(model, batch_size=getattr(args, "batch_size", None), compilation_cache=args.compilation_cache,
-                     ensemble_mode=mode, **extra)
+    try:
+        segmenter = Segmenter(model, batch_size=getattr(args, "batch_size", None),
+                              compilation_cache=args.compilation_cache, ensemble_mode=mode,
+                              devices=getattr(args, "devices", None), **extra)
+    except ValueError as e:
+        raise UserError(f"--devices: {e}" if "devices" in str(e) else str(e)) from None
+    if segmenter.parallel.active:
+        status(f"running on {segmenter.parallel.describe()}, {segmenter.batch_size} rows per forward")
+    return segmenter
 
 
 # ------------------------------------------------------------------------------------ output
