@@ -275,6 +275,14 @@ class DataParallel:
             raise ValueError(f"weights must be one of {WEIGHT_LAYOUTS}, got {weights!r}")
         return shard_model(model, self.mesh, weights=weights) if self.active else model
 
+    def replicate(self, tree: Any) -> Any:
+        """Every array leaf of ``tree`` (the same value in every process) replicated on the devices."""
+        if not self.active:
+            return tree
+        sharding = NamedSharding(self.mesh, P())
+        return jax.tree.map(lambda leaf: _global_array(leaf, sharding) if isinstance(leaf, (jax.Array, np.ndarray))
+                            else leaf, tree)
+
     def queries_per_device(self, queries: int) -> int:
         """Queries each local device gets when ``queries`` of this process's queries are padded to a
         multiple of its devices: every device holds whole queries, so a query's prompts (its feature
