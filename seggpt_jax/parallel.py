@@ -222,6 +222,27 @@ def any_process(flag: bool) -> bool:
     return bool(np.asarray(flags).any())
 
 
+_gathers = 0
+
+
+def all_gather_json(name: str, value: Any) -> list:
+    """Every process's ``value`` (anything JSON can hold), in process order, in every process (through
+    ``jax.distributed``'s key-value store; a collective: every process must call it with the same
+    ``name`` in the same order)."""
+    import json
+
+    if jax.process_count() == 1:
+        return [value]
+    from jax._src import distributed
+
+    global _gathers
+    _gathers += 1
+    client = distributed.global_state.client
+    prefix = f"seggpt-jax/{_gathers}/{name}"
+    client.key_value_set(f"{prefix}/{jax.process_index()}", json.dumps(value))
+    return [json.loads(client.blocking_key_value_get(f"{prefix}/{i}", 600_000)) for i in range(jax.process_count())]
+
+
 def process_sum(values: np.ndarray) -> np.ndarray:
     """The elementwise sum of a float64/int64 array over the processes of the job (a collective)."""
     values = np.asarray(values)

@@ -377,9 +377,11 @@ def compile_ahead(args: argparse.Namespace, *, queries: int, prompts: int) -> Ca
     return wait
 
 
-def make_segmenter(args: argparse.Namespace, model=None, *, ensemble_mode: str | None = None):
+def make_segmenter(args: argparse.Namespace, model=None, *, ensemble_mode: str | None = None, local: bool = False):
     """The Segmenter of a command: ``--model`` loaded (or ``model``), with the command's batch size, cache,
-    pixel limit and ensemble mode (``ensemble_mode`` when the command decides it, else ``--ensemble-mode``)."""
+    pixel limit, devices and ensemble mode (``ensemble_mode`` when the command decides it, else
+    ``--ensemble-mode``). ``local``: this process's devices only, under ``jax.distributed`` too (each
+    process then runs its own forwards)."""
     from ..inference.segmenter import Segmenter
 
     model = model if model is not None else load_model(args)
@@ -388,12 +390,36 @@ def make_segmenter(args: argparse.Namespace, model=None, *, ensemble_mode: str |
     try:
         segmenter = Segmenter(model, batch_size=getattr(args, "batch_size", None),
                               compilation_cache=args.compilation_cache, ensemble_mode=mode,
-                              devices=getattr(args, "devices", None), **extra)
+                              devices=_devices(args, local), **extra)
     except ValueError as e:
         raise UserError(f"--devices: {e}" if "devices" in str(e) else str(e)) from None
     if segmenter.parallel.active:
         status(f"running on {segmenter.parallel.describe()}, {segmenter.batch_size} rows per forward")
     return segmenter
+
+
+def _devices(args: argparse.Namespace, local: bool):
+    count = getattr(args, "devices", None)
+    if not local:
+        return count
+    import jax
+
+    devices = jax.local_devices()
+    if count is not None and count > len(devices):
+        raise UserError(f"--devices {count}: this process has {len(devices)} devices")
+    return devices[:count] if count else devices
+
+
+def is_main_process() -> bool:
+    """Process 0 of a ``--distributed`` job, or the only process: the one that prints reports and writes
+    shared files."""
+    import sys
+
+    if "jax" not in sys.modules:
+        return True
+    import jax
+
+    return jax.process_index() == 0
 
 
 # ------------------------------------------------------------------------------------ output

@@ -51,6 +51,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     model = serve.add_argument_group("how the model runs")
     model.add_argument("--dtype", choices=DTYPES, default="float32",
                        help="compute dtype (bfloat16 for GPU/TPU)")
+    common.add_devices_option(model)
     model.add_argument("--ensemble-mode", choices=["transformers", "original"], default="transformers",
                        help="how several prompts are combined: transformers' or the BAAI code's feature ensemble")
     model.add_argument("--compilation-cache", default=None, metavar="DIR",
@@ -118,7 +119,7 @@ def run_serve(args: argparse.Namespace) -> int:
         # float32: the library's defaults, so that answers equal Segmenter.from_pretrained(MODEL)'s
         options = {} if args.dtype == "float32" else {"dtype": jnp.dtype(args.dtype)}
         model = common.load_model(args, args.model, **options)
-        return Segmenter(model, ensemble_mode=args.ensemble_mode, compilation_cache=cache)
+        return Segmenter(model, ensemble_mode=args.ensemble_mode, compilation_cache=cache, devices=args.devices)
 
     try:
         return serve(settings, load, sock=sock, log_level=args.log_level,

@@ -451,6 +451,14 @@ class Trainer:
             if self.parallel.processes > 1:
                 _parallel.sync(f"checkpoint {directory} written")
 
+    def host_model(self) -> nnx.Module:
+        """The trained model with its parameters as host arrays (gathered from every process under
+        ``jax.distributed``: a collective), ready for ``save_pretrained``."""
+        if self.parallel.processes == 1:
+            return self.model
+        graphdef, state = nnx.split(self.model)
+        return nnx.merge(graphdef, _parallel.host_state(state))
+
     @staticmethod
     def _write_checkpoint(directory: str, fill, output) -> None:
         if output is None:
