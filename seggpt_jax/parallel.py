@@ -351,9 +351,10 @@ def shard_of(name: str, count: int) -> int:
     """The shard (``0..count-1``) of an input named ``name``: a stable hash of the name, so that an
     input's shard does not depend on the list's order or length, and inputs of the same name (which
     would write the same outputs) fall into the same shard."""
-    import zlib
+    import hashlib
 
-    return zlib.crc32(name.encode("utf-8", "surrogateescape")) % count
+    digest = hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % count  # (crc32 is linear: names one letter apart share its low bits)
 
 
 def shard_from_environment(environ: dict | None = None) -> tuple[int, int] | None:
