@@ -7,11 +7,11 @@ from __future__ import annotations
 import concurrent.futures
 import io
 import os
-import socket
 import time
 
 import numpy as np
 import pytest
+from conftest import free_port
 from PIL import Image
 
 ray = pytest.importorskip("ray", reason="the ray extra (ray[serve,data]) is not installed")
@@ -21,11 +21,6 @@ def _save(path, array, mode=None):
     Image.fromarray(array, mode=mode).save(path)
     return str(path)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +100,7 @@ def test_ray_serve_answers_as_the_segmenter_and_maps_backpressure_to_429(local_r
     from seggpt_jax.serve.engine import ServeSettings
     from seggpt_jax.serve.ray import deployment
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
     settings = ServeSettings(model=files["model"], max_batch=1, max_wait_ms=0, max_queue=4, max_prompts=2,

@@ -8,13 +8,13 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
+from conftest import free_port
 from PIL import Image
 
 from seggpt_jax.cli import main
@@ -151,11 +151,6 @@ def test_sigint_mid_run_then_a_rerun_redoes_only_what_was_not_finished(job, tmp_
     assert not [n for n in os.listdir(out) if n.startswith(".partial") or n.startswith(".staging")]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _finetune_data(root, rng):
     os.makedirs(root / "images")
@@ -165,9 +160,17 @@ def _finetune_data(root, rng):
         _save(root / "masks" / f"{i}.png", (rng.random((36, 30)) > 0.5).astype(np.uint8) * 255, "L")
 
 
-def test_two_processes_segment_and_finetune_like_one(job, tmp_path):
+def _fss_data(root, rng):
+    for name in ("cat", "dog"):
+        os.makedirs(root / name)
+        for i in range(1, 4):
+            _save(root / name / f"{i}.jpg", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+            _save(root / name / f"{i}.png", (rng.random((32, 32)) > 0.5).astype(np.uint8) * 255, "L")
+
+
+def test_two_processes_segment_finetune_tune_and_evaluate_like_one(job, tmp_path):
     sys.path.insert(0, WORKERS)
-    from distributed_cli import FINETUNE
+    from distributed_cli import EVALUATE, FINETUNE, TUNE
 
     work = tmp_path / "work"
     work.mkdir()
@@ -176,6 +179,7 @@ def test_two_processes_segment_and_finetune_like_one(job, tmp_path):
     os.symlink(job["prompt"], work / "prompt.png")
     os.symlink(job["mask"], work / "prompt_mask.png")
     _finetune_data(work / "data", np.random.default_rng(4))
+    _fss_data(work / "fss", np.random.default_rng(6))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
                PYTHONPATH=os.pathsep.join([WORKERS, os.environ.get("PYTHONPATH", "")]))
     for name in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX"):
@@ -188,7 +192,12 @@ def test_two_processes_segment_and_finetune_like_one(job, tmp_path):
                           "--model", str(work / "model"), *FINETUNE], capture_output=True, text=True, env=env,
                          timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
-    port = _free_port()
+    for command in (["tune-prompt", str(work / "data"), "-o", str(work / "one-prompt.safetensors"), *TUNE],
+                    ["evaluate", str(work / "fss"), "-o", str(work / "one-report.json"), *EVALUATE]):
+        one = subprocess.run([CONSOLE_SCRIPT, *command, "--model", str(work / "model")], capture_output=True,
+                             text=True, env=env, timeout=300)
+        assert one.returncode == 0, one.stderr[-2000:]
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, os.path.join(WORKERS, "distributed_cli.py"), str(port), str(i), "2",
                                str(work)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for i in range(2)]
@@ -205,7 +214,7 @@ def test_two_processes_segment_and_finetune_like_one(job, tmp_path):
     results = [json.loads(line[len("RESULT "):]) for out, _ in outputs for line in out.splitlines()
                if line.startswith("RESULT ")]
     assert sorted(r["process"] for r in results) == [0, 1] and all(r["processes"] == 2 for r in results)
-    assert all(r["codes"] == [0, 0] for r in results), results
+    assert all(r["codes"] == [0, 0, 0, 0] for r in results), results
     # segment: each process wrote its own inputs (its own record file); together, the one-process outputs
     assert _digests(work / "dist-segment") == _digests(work / "one-segment")
     records = sorted(n for n in os.listdir(work / "dist-segment") if n.startswith(".seggpt-jax-outputs"))
@@ -223,3 +232,12 @@ def test_two_processes_segment_and_finetune_like_one(job, tmp_path):
     assert sorted(n for n in os.listdir(work / "dist-finetune") if n.startswith("step_")) == \
         ["step_0000002", "step_0000003"]
     assert "fine-tuned 3 steps" in outputs[0][0] and "fine-tuned" not in outputs[1][0]
+    # tune-prompt: the same prompt; evaluate: every episode scored once over both processes, one report
+    ours, _ = read_safetensors(str(work / "dist-prompt.safetensors"))
+    theirs, _ = read_safetensors(str(work / "one-prompt.safetensors"))
+    assert max(float(np.abs(ours[k] - theirs[k]).max()) for k in ours) <= 1e-5
+    ours, theirs = (json.load(open(work / f"{kind}-report.json")) for kind in ("dist", "one"))
+    assert ours["episodes"] == theirs["episodes"] > 0
+    for key in ("mIoU", "FB-IoU"):
+        assert abs(ours[key] - theirs[key]) <= 1e-9
+    assert ours["class_IoU"].keys() == theirs["class_IoU"].keys()

@@ -408,19 +408,23 @@ class Segmenter:
 
 
 def compile_forward(config, *, queries: int, prompts: int = 1, batch_size: int | None = None,
-                    ensemble_mode: str = "transformers", **model_kwargs: Any) -> None:
+                    ensemble_mode: str = "transformers", devices: Any = None, **model_kwargs: Any) -> None:
     """Compile the forward a :class:`Segmenter` will run first, from the config alone.
 
     No weights are needed (the model is built abstractly), so this can run while the weights load
     (:func:`compile_ahead`); XLA keeps the executable and the Segmenter's first batch does not compile
     again. ``model_kwargs`` are the model's construction settings (``dtype``, ``param_dtype``,
-    ``precision``, ``runtime``), as given to ``from_pretrained``.
+    ``precision``, ``runtime``), as given to ``from_pretrained``. Over several ``devices`` nothing is
+    compiled ahead (the sharded program compiles with the first batch).
     """
     from flax import nnx
 
     from ..nn.inputs import prepare
     from ..nn.models import SegGptForImageSegmentation, _forward_jit
 
+    if DataParallel(devices).active:
+        logger.debug("not compiling ahead: the forward over several devices compiles with its first batch")
+        return
     per_batch = max(1, (batch_size or default_batch_size()) // prompts)
     rows = min(per_batch, max(queries, 1)) * prompts
     zeros = np.zeros((rows, config.num_channels, *config.query_size), np.float32)
