@@ -429,9 +429,13 @@ def run_segment(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         bar = common.progress_bar(pending, "image", "segment")
 
+        files, completed = _Counter(), _Counter()  # counted as they appear (writes run on several threads)
+
         def write(item, result, picture) -> int:
             path, name, outputs, source = item
-            return _write_outputs(folder, args, path, name, outputs, source, result, picture, num_labels)
+            count = _write_outputs(folder, args, path, name, outputs, source, result, picture, num_labels, files.add)
+            completed.add()
+            return count
 
         from ..inference.pipeline import run_pipeline
 
@@ -442,19 +446,19 @@ def run_segment(args: argparse.Namespace) -> int:
             for (path, *_), outcome in results:
                 bar.update(1)
                 if isinstance(outcome, int):
-                    written += outcome
                     segmented += 1
                 else:
                     failures[path] = outcome.message
         except OSError as e:
             if not _fatal(e):
                 raise
-            bar.close()
-            print(f"stopped after {segmented} of {plural(pending, 'image')}; wrote {plural(written, 'file')} to "
-                  f"{args.out_dir}")
+            bar.close()  # (every write had ended when the pipeline stopped)
+            print(f"stopped after {completed.count} of {plural(pending, 'image')}; wrote "
+                  f"{plural(files.count, 'file')} to {args.out_dir}")
             raise
         finally:
             bar.close()
+            written = files.count
         seconds = time.perf_counter() - start
     else:
         skipped = planned_skips
@@ -473,10 +477,21 @@ class _Failed(Exception):
     """An input that could not be segmented (its message names it)."""
 
 
+class _Counter:
+    def __init__(self):
+        import threading
+
+        self.count, self._lock = 0, threading.Lock()
+
+    def add(self) -> None:
+        with self._lock:
+            self.count += 1
+
+
 def _write_outputs(folder, args, path: str, name: str, outputs: list[str], source: tuple, result, picture,
-                   num_labels: int | None) -> int:
-    """Write the outputs an input lacks (the overlay over ``picture``, or the file read again); returns how
-    many files were written."""
+                   num_labels: int | None, wrote=lambda: None) -> int:
+    """Write the outputs an input lacks (the overlay over ``picture``, or the file read again), calling
+    ``wrote()`` after each file; returns how many files were written."""
     from ..imaging.decode import to_rgb_uint8
     from ..imaging.media import mask_image, overlay
 
@@ -484,11 +499,13 @@ def _write_outputs(folder, args, path: str, name: str, outputs: list[str], sourc
     if name + "_mask.png" in outputs:
         image = mask_image(result.mask, num_labels)
         folder.write(name + "_mask.png", lambda tmp: image.save(tmp, format="PNG"), source=source)
+        wrote()
         count += 1
     if name + "_overlay.png" in outputs:
         base = picture if picture is not None else to_rgb_uint8(path, max_pixels=args.max_pixels)
         blended = overlay(base, result.mask)
         folder.write(name + "_overlay.png", lambda tmp: _save_rgb(blended, tmp), source=source)
+        wrote()
         count += 1
     return count
 

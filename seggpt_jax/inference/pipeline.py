@@ -165,7 +165,9 @@ _END = object()
 
 
 def _fatal(error: BaseException) -> bool:
-    """File-system errors that will hit every later output too (disk full, read-only): they stop the run."""
+    """File-system errors that will hit every later output too (disk full, read-only, no permission): they
+    stop the run."""
     import errno
 
-    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES,
+                                                          errno.EPERM)
