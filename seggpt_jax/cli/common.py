@@ -350,10 +350,6 @@ def compile_ahead(args: argparse.Namespace, *, queries: int, prompts: int) -> Ca
                                          local_files_only=args.local_files_only)
     except (ConfigError, CheckpointError, OSError):
         return lambda: None
-    import jax
-
-    if (getattr(args, "devices", None) or jax.local_device_count()) > 1 or jax.process_count() > 1:
-        return lambda: None  # the program over several devices compiles with the first batch
     batch = getattr(args, "batch_size", None)
     status(f"compiling the forward (first batch: {queries if batch is None else min(batch, queries)} "
            f"quer{'y' if queries == 1 else 'ies'} x {plural(prompts, 'prompt')}) while the weights load ...")
@@ -363,10 +359,10 @@ def compile_ahead(args: argparse.Namespace, *, queries: int, prompts: int) -> Ca
 
     def run() -> None:
         try:
-            compile_forward(config, queries=queries, prompts=prompts, batch_size=batch,
-                            ensemble_mode=getattr(args, "ensemble_mode", "transformers"),
-                            devices=getattr(args, "devices", None))
-            finished.append(time.perf_counter())
+            if compile_forward(config, queries=queries, prompts=prompts, batch_size=batch,
+                               ensemble_mode=getattr(args, "ensemble_mode", "transformers"),
+                               devices=getattr(args, "devices", None)):
+                finished.append(time.perf_counter())
         except Exception as e:  # noqa: BLE001 - only a head start: the first batch compiles and reports
             logging.getLogger(__name__).debug("compiling ahead failed: %s", e)
 

@@ -408,14 +408,14 @@ class Segmenter:
 
 
 def compile_forward(config, *, queries: int, prompts: int = 1, batch_size: int | None = None,
-                    ensemble_mode: str = "transformers", devices: Any = None, **model_kwargs: Any) -> None:
+                    ensemble_mode: str = "transformers", devices: Any = None, **model_kwargs: Any) -> bool:
     """Compile the forward a :class:`Segmenter` will run first, from the config alone.
 
     No weights are needed (the model is built abstractly), so this can run while the weights load
     (:func:`compile_ahead`); XLA keeps the executable and the Segmenter's first batch does not compile
     again. ``model_kwargs`` are the model's construction settings (``dtype``, ``param_dtype``,
     ``precision``, ``runtime``), as given to ``from_pretrained``. Over several ``devices`` nothing is
-    compiled ahead (the sharded program compiles with the first batch).
+    compiled ahead (the sharded program compiles with the first batch). Returns whether it compiled.
     """
     from flax import nnx
 
@@ -424,7 +424,7 @@ def compile_forward(config, *, queries: int, prompts: int = 1, batch_size: int |
 
     if DataParallel(devices).active:
         logger.debug("not compiling ahead: the forward over several devices compiles with its first batch")
-        return
+        return False
     per_batch = max(1, (batch_size or default_batch_size()) // prompts)
     rows = min(per_batch, max(queries, 1)) * prompts
     zeros = np.zeros((rows, config.num_channels, *config.query_size), np.float32)
@@ -434,6 +434,7 @@ def compile_forward(config, *, queries: int, prompts: int = 1, batch_size: int |
                               embedding_type=np.ones(rows, bool), ensemble_mode=ensemble_mode,
                               prompts_per_query=prompts)
     _forward_jit.lower(graphdef, state, inputs, options).compile()
+    return True
 
 
 def compile_ahead(config, **kwargs: Any) -> Callable[[], None]:
