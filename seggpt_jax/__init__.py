@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from .version import __version__
 
 # public name -> the module that defines it
 _EXPORTS = {
@@ -29,9 +29,9 @@ _EXPORTS = {
     "ModelSettings": ".nn.layers",
     "painter_loss": ".nn.loss",
     "painter_loss_terms": ".nn.loss",
-    "SegGptForImageSegmentation": ".nn.models",
+    "SegGptForImageSegmentation": ".models",
     "SegGptImageSegmentationOutput": ".nn.models",
-    "SegGptModel": ".nn.models",
+    "SegGptModel": ".models",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

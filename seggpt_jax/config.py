@@ -15,6 +15,9 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
+from .files import write_json
+from .hub import CONFIG_NAME, resolve_file
+
 logger = logging.getLogger(__name__)
 
 #: Activations the model implements, by their transformers ``hidden_act`` names.
@@ -144,7 +147,6 @@ class SegGptConfig:
             ModelNotFoundError: no config.json in the folder, on the Hub or in the cache (names which).
             ConfigError: the file is not valid JSON or does not describe a SegGPT model (names the file).
         """
-        from .weights.hub import CONFIG_NAME, resolve_file
 
         path = os.path.expanduser(os.fspath(name_or_path))
         if not (os.path.isfile(path) and path.endswith(".json")):
@@ -174,8 +176,6 @@ class SegGptConfig:
 
     def to_json_file(self, path: str | os.PathLike, **extra: Any) -> None:
         """Write ``config.json`` (atomically), with ``extra`` keys beside the fields."""
-        from .files import write_json
-
         write_json(path, {**self.to_dict(), **extra})
 
     def replace(self, **changes: Any) -> "SegGptConfig":
@@ -254,6 +254,17 @@ class SegGptConfig:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_count(name: str, value: Any, *, minimum: int = 1) -> int:
+    """The one check of a count an API takes (batch sizes, shots, frames, ...): an integer (numpy's too,
+    never a bool) of at least ``minimum``; else a ``ValueError`` naming ``name``."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        kind = {1: "a positive integer", 0: "a non-negative integer"}.get(minimum, f"an integer >= {minimum}")
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    return int(value)
 
 
 def _is_number(value: Any) -> bool:

@@ -139,7 +139,7 @@ def export_platforms(platforms: str | Sequence[str] | None) -> tuple[str, ...]:
 def attention_per_platform(attention: str, dtype: Any, platforms: Sequence[str]) -> dict[str, str]:
     """The attention implementation ``attention`` resolves to on each platform; raises ``ValueError`` when
     one program cannot hold them (several platforms need one platform-independent implementation)."""
-    from .nn.attention import resolve_impl
+    from .runtime import resolve_attention as resolve_impl
 
     impls = {p: resolve_impl(attention, dtype, p) for p in platforms}
     if len(impls) > 1 and (len(set(impls.values())) > 1 or set(impls.values()) - {"plain", "chunked"}):
@@ -168,19 +168,21 @@ def export_model(model: Any, batch_size: int, *, platforms: str | Sequence[str] 
         precision: matmul precision (default ``"model"``: the model's).
         weights_dtype: dtype of the saved weights (default: the model's parameter dtype).
         processor: the :class:`~seggpt_jax.SegGptImageProcessor` whose settings go into the folder
-            (default: transformers' defaults at the model's query size); its size must be the query size.
+            (default: the model's own, :func:`~seggpt_jax.imaging.processor.processor_for`); its size must be
+            the query size.
     """
     from flax import nnx
 
-    from . import __version__
-    from .imaging.processor import SegGptImageProcessor
+    from .version import __version__
+    from .imaging.processor import processor_for
+    from .config import check_count
     from .nn.inputs import prepare
+    from .weights import path_key
 
     if not hasattr(model, "decoder") or not hasattr(model, "forward_prepared"):
         raise TypeError(f"export needs the painter (SegGptForImageSegmentation), got {type(model).__name__}")
     for name, value in (("batch_size", batch_size), ("prompts_per_query", prompts_per_query)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_count(name, value)
     batch, prompts = int(batch_size), int(prompts_per_query)
     ensemble = prompts > 1 if feature_ensemble is None else bool(feature_ensemble)
     config, settings = model.config, model.settings
@@ -190,7 +192,7 @@ def export_model(model: Any, batch_size: int, *, platforms: str | Sequence[str] 
     impls = attention_per_platform(settings.runtime.attention, dtype, targets)
     runtime = dataclasses.replace(settings.runtime, platform=targets[0])
     target = model.with_settings(shared=True, dtype=dtype, precision=precision, runtime=runtime)
-    processor = processor if processor is not None else SegGptImageProcessor(size=config.query_size)
+    processor = processor if processor is not None else processor_for(model)
     size = (processor.size["height"], processor.size["width"])
     if size != tuple(config.query_size):
         raise ValueError(f"the processor resizes to {size[0]}x{size[1]} but the model takes "
@@ -198,7 +200,7 @@ def export_model(model: Any, batch_size: int, *, platforms: str | Sequence[str] 
 
     graphdef, state = nnx.split(target)
     flat = list(nnx.to_flat_state(state))
-    names = [".".join(str(part) for part in path) for path, _ in flat]
+    names = [path_key(path) for path, _ in flat]
     stored = None if weights_dtype is None else jnp.dtype(weights_dtype)
     if all(var.get_value().dtype == stored for _, var in flat):
         stored = None  # already so: no cast, no copy

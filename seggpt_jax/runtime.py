@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -83,33 +84,8 @@ class RuntimeConfig:
             lowered and exported (``jax.export``) for a machine this one is not, e.g. a TPU program
             on a CPU host (:mod:`seggpt_jax.export`).
         scan_layers: run runs of identical layers with ``lax.scan`` (segments split at the merge
-            layer and at every decoder tap): one compiled layer per segment, same numbers. The
-            parameters keep their per-layer layout (checkpoints, ``flat_parameters``, optimizer state
-            and the trainer's per-layer rules see the same paths either way), so every forward stacks
-            each segment's weights for its scan. On ViT-L (float32, batch 1, CPU) that copies 1.08 GiB
-            per call (0.4-0.9 s on a loaded 2-core machine, where the whole forward takes 5-30 s) and
-            raises XLA's temporary memory from 0.27 to 1.23 GiB; measured with::
-
-                python - <<'EOF'
-                import time, jax, jax.numpy as jnp, numpy as np; from flax import nnx; import seggpt_jax as s
-                from seggpt_jax.nn.inputs import prepare; from seggpt_jax.nn.models import _forward_jit
-                c, z = s.SegGptConfig.vit_large(), np.zeros((1, 3, 448, 448), np.float32)
-                for scan in (False, True):  # XLA temporary memory of the forward, GiB
-                    m = nnx.eval_shape(lambda: s.SegGptForImageSegmentation(
-                        c, runtime=s.RuntimeConfig(scan_layers=scan), rngs=nnx.Rngs(0)))
-                    compiled = _forward_jit.lower(*nnx.split(m), *prepare(c, z, z, z)).compile()
-                    print(scan, compiled.memory_analysis().temp_size_in_bytes / 2**30)
-                layers = [nnx.state(l) for l in s.SegGptForImageSegmentation(c, rngs=nnx.Rngs(0)).model.encoder.layers]
-                runs = ((0, 2), (3, 6), (6, 12), (12, 18), (18, 24))  # the ViT-L segments of more than one layer
-                stack = jax.jit(lambda ls: [jax.tree.map(lambda *a: jnp.stack(a), *ls[i:j]) for i, j in runs])
-                jax.block_until_ready(stack(layers))
-                for _ in range(5):  # seconds per stacking
-                    t = time.perf_counter(); jax.block_until_ready(stack(layers)); print(time.perf_counter() - t)
-                EOF
-
-            So leave it off for inference. For training it pays: a ViT-L gradient with
-            ``remat_policy="dots"`` compiled in 21-22 s instead of 25-30 s, with 4.81 instead of
-            6.24 GiB of XLA temporaries (same machine, ``jax.jit(jax.grad(...)).lower(...).compile()``).
+            layer and at every decoder tap): one compiled layer per segment, the same numbers. Faster to
+            compile; what it costs per forward is measured in ``benchmarks/RESULTS.md``.
         remat_policy: rematerialise each transformer layer in the backward pass (``None``: keep every
             activation the backward pass needs). The layer's input is always kept; the recomputation
             runs in the backward pass, one layer at a time, on every backend (:func:`seggpt_jax.nn.ops.remat`:
@@ -123,10 +99,8 @@ class RuntimeConfig:
             * ``"none"``: save everything (as no remat, through the remat wrapper).
             * any ``jax.checkpoint_policies`` policy name, e.g. ``"dots_with_no_batch_dims_saveable"``.
 
-            ViT-L, float32, batch 1, XLA's temporaries for ``jax.value_and_grad`` of the loss (compiled,
-            not run; :func:`seggpt_jax.train.estimate_memory`): 5.18 GiB without remat, 2.61 GiB with
-            ``"dots"``, 1.33 GiB with ``"full"`` (the parameters and their gradients, 1.39 GiB each, come
-            on top).
+            How much memory each policy saves is measured in ``benchmarks/RESULTS.md``
+            (:func:`seggpt_jax.train.estimate_memory` compiles a training step to say it for a config).
     """
 
     attention: str = "auto"
@@ -145,6 +119,153 @@ class RuntimeConfig:
             raise ValueError(f"scan_layers must be True or False, got {self.scan_layers!r}")
         if self.remat_policy is not None:
             remat_policy(self.remat_policy)  # validates
+
+
+#: Compute dtypes a model runs in (activations and matmuls; LayerNorm statistics and the softmax stay
+#: float32). Adding one means adding it here.
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+_HALF = ("bfloat16", "float16")
+#: Matmul precisions (``jax.lax.Precision`` names); ``None``: the backend's default (on GPU/TPU it rounds
+#: float32 matmul inputs, to TF32 or one bfloat16 pass).
+PRECISIONS = ("default", "high", "highest")
+
+
+def dtype_name(dtype: Any) -> str:
+    """The one spelling of a compute dtype: a name of :data:`COMPUTE_DTYPES` from a name, a numpy/jax
+    dtype or a scalar type (``jnp.bfloat16``); anything else is a ``ValueError``."""
+    name = getattr(dtype, "name", None) if not isinstance(dtype, str) else dtype
+    if name is None:
+        name = getattr(dtype, "__name__", None) or str(dtype)
+        import numpy as np
+
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            pass
+    name = str(name).lower()
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"compute dtype must be one of {COMPUTE_DTYPES}, got {dtype!r}")
+    return name
+
+
+def precision_name(precision: Any) -> str | None:
+    """The one spelling of a matmul precision: ``None`` or a name of :data:`PRECISIONS` (from a name or a
+    ``jax.lax.Precision``)."""
+    if precision is None:
+        return None
+    name = getattr(precision, "name", precision)
+    name = str(name).lower()
+    if name not in PRECISIONS:
+        raise ValueError(f"precision must be None or one of {PRECISIONS}, got {precision!r}")
+    return name
+
+
+def exact_precision(dtype: Any) -> str | None:
+    """The precision that keeps a compute dtype's own arithmetic on GPU/TPU: ``"highest"`` for float32
+    (XLA's default there rounds float32 matmul inputs), ``None`` for half precision. What a program
+    exported for serving in float32 runs with, and what parity checks against transformers use."""
+    return "highest" if dtype_name(dtype) == "float32" else None
+
+
+def backend_of(platform: str | None) -> str:
+    """``"cpu"``, ``"gpu"`` or ``"tpu"`` for a target platform; ``None``: ``jax.default_backend()``."""
+    name = platform_name(platform)
+    return "gpu" if name == "cuda" else name
+
+
+def resolve_attention(impl: str, dtype: Any, platform: str | None = None) -> str:
+    """The implementation ``impl`` means for a compute ``dtype`` on a target ``platform`` (default: the
+    default backend): ``"auto"`` is ``"chunked"`` on CPU and ``"flash"`` on GPU and TPU in every dtype
+    (the kernel accumulates in float32 and follows the model's precision in its own matmuls, and holds
+    nothing ``N x N``; see :mod:`seggpt_jax.nn.attention`).
+
+    Raises ``ValueError`` for an unknown name, and for ``"widened"`` in float32 on GPU (cuDNN's fused
+    attention takes half precision only)."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    backend = backend_of(platform)
+    if impl == "auto":
+        return "chunked" if backend == "cpu" else "flash"
+    if impl == "widened" and backend == "gpu" and dtype_name(dtype) not in _HALF:
+        raise ValueError(f"attention='widened' on GPU is cuDNN's fused attention, which takes bfloat16 or float16, "
+                         f"not {dtype_name(dtype)}; use 'flash' (or 'auto')")
+    return impl
+
+
+#: Queries per tile of the chunked (CPU) attention at most: a tile's ``[queries, N]`` float32 logits
+#: should stay in the core's cache (512 x 1568 x 4 bytes = 3.2 MB). Tiles are whole grid rows: 14 rows
+#: of 28 for ViT-L. (Measured to be the fastest on the AVX-512 machine, ``benchmarks/RESULTS.md``.)
+CPU_TILE_QUERIES = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutionPlan:
+    """How a model runs, resolved once from its settings when it is built (:class:`ModelSettings`):
+    every layer reads these fields and decides nothing itself.
+
+    Attributes:
+        platform: the target, ``"cpu"``, ``"cuda"`` or ``"tpu"`` (``RuntimeConfig.platform``, or the
+            default backend when the model was built).
+        attention: the implementation every layer runs (``"auto"`` resolved, :func:`resolve_attention`).
+        dtype: the compute dtype (:data:`COMPUTE_DTYPES`); precision: the matmul precision
+            (:data:`PRECISIONS` or ``None``).
+        scan_layers, remat_policy: as in :class:`RuntimeConfig`.
+        tile_queries: queries per tile of the chunked attention (:data:`CPU_TILE_QUERIES`).
+        interpret: run the Pallas kernel in its interpreter (on CPU, where it has no compiled form).
+        gpu_backend: the Pallas lowering on GPU (``"triton"``: it also runs on A100s, where Mosaic GPU
+            needs sm_90; see :mod:`seggpt_jax.nn.flash_attention`).
+    """
+
+    platform: str
+    attention: str
+    dtype: str
+    precision: str | None
+    scan_layers: bool
+    remat_policy: str | None
+    tile_queries: int = CPU_TILE_QUERIES
+    interpret: bool = False
+    gpu_backend: str = "triton"
+
+
+def plan(runtime: "RuntimeConfig", dtype: Any, precision: Any) -> ExecutionPlan:
+    """Resolve a :class:`RuntimeConfig` with a compute dtype and a precision into an :class:`ExecutionPlan`."""
+    name = platform_name(runtime.platform)
+    return ExecutionPlan(platform=name, attention=resolve_attention(runtime.attention, dtype, name),
+                         dtype=dtype_name(dtype), precision=precision_name(precision),
+                         scan_layers=runtime.scan_layers, remat_policy=runtime.remat_policy,
+                         interpret=name == "cpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+    """How a model computes, fixed when it is built (``model.with_settings(...)`` gives a new model).
+
+    Attributes:
+        dtype: compute dtype of activations and matmuls (``jnp.bfloat16`` for mixed precision);
+            LayerNorm statistics and the softmax stay float32. The parameters keep their own dtype.
+        precision: matmul precision of every dot (``None``: the backend default; ``"highest"`` for
+            float32 parity on GPU/TPU); a string is normalised to ``jax.lax.Precision``.
+        runtime: execution switches (attention kernel, layer scan, remat, target platform).
+        plan: the :class:`ExecutionPlan` the three resolve to, once, here.
+    """
+
+    dtype: Any = "float32"
+    precision: Any = None
+    runtime: "RuntimeConfig | None" = None
+    plan: ExecutionPlan | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    def __post_init__(self):
+        import jax
+        import jax.numpy as jnp
+
+        object.__setattr__(self, "dtype", jnp.dtype(dtype_name(self.dtype)))
+        name = precision_name(self.precision)
+        object.__setattr__(self, "precision", None if name is None else jax.lax.Precision(name))
+        if self.runtime is None:
+            object.__setattr__(self, "runtime", RuntimeConfig())
+        if not isinstance(self.runtime, RuntimeConfig):
+            raise TypeError(f"runtime must be a seggpt_jax.RuntimeConfig, got {type(self.runtime).__name__}")
+        object.__setattr__(self, "plan", plan(self.runtime, self.dtype, self.precision))
 
 
 def remat_policy(name: str):

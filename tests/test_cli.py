@@ -1,4 +1,4 @@
-"""``python -m convert``, ``python convert`` and ``seggpt-jax convert|info``: results, reports, errors."""
+"""``python convert/convert_seggpt_checkpoint.py`` and ``seggpt-jax convert|info``: results, reports, errors."""
 
 from __future__ import annotations
 
@@ -28,12 +28,11 @@ def _same_parameters(a_path, b_path):
         np.testing.assert_array_equal(np.asarray(a[key][...]), np.asarray(b[key][...]), err_msg=key)
 
 
-@pytest.mark.parametrize("entry", ["python -m convert", "python convert", "seggpt-jax convert"])
+@pytest.mark.parametrize("entry", ["convert script", "seggpt-jax convert"])
 def test_conversion_entry_points(hf_tiny, tmp_path, entry):
     _, src = hf_tiny("nonsquare")
     out = tmp_path / "converted"
-    command = {"python -m convert": [sys.executable, "-m", "convert"],
-               "python convert": [sys.executable, "convert"],
+    command = {"convert script": [sys.executable, os.path.join("convert", "convert_seggpt_checkpoint.py")],
                "seggpt-jax convert": [CONSOLE_SCRIPT, "convert"]}[entry]
     result = subprocess.run([*command, src, "--out-dir", str(out)], cwd=REPO, capture_output=True, text=True,
                             timeout=300)

@@ -145,8 +145,38 @@ def test_label_maps_without_a_palette_and_rgb_masks():
     assert_same(ours(prompt_masks=Image.fromarray(rgb_mask)), reference)  # transformers raises here
     assert_same(ours(prompt_masks=rgb_mask), reference)
     binary = np.random.default_rng(5).random((40, 40)) > 0.5
-    assert_same(ours(prompt_masks=binary), theirs(prompt_masks=binary.astype(np.uint8) * 255))
+    assert_same(ours(prompt_masks=binary), theirs(prompt_masks=binary))  # fed as 0/1, as transformers does
     assert_same(ours(prompt_masks=binary, num_labels=1), theirs(prompt_masks=binary.astype(np.uint8), num_labels=1))
+
+
+def _mask_cases() -> dict:
+    shape = np.zeros((40, 60), np.uint8)
+    shape[10:30, 15:45] = 1
+    smooth = shape * 200
+    smooth[9, 15:45], smooth[30, 15:45] = 90, 37  # anti-aliased edges
+    classes = shape.copy()
+    classes[12:20, 20:30] = 2
+    palette = Image.fromarray(classes, "P")
+    palette.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0] + [0] * 759)  # VOC's first colours
+    return {"0/1": shape, "bool": shape.astype(bool), "0/1 L image": Image.fromarray(shape, "L"),
+            "0/255": shape * 255, "anti-aliased": smooth, "palette": palette, "class ids": classes}
+
+
+@pytest.mark.parametrize("name", sorted(_mask_cases()))
+@pytest.mark.parametrize("num_labels", [None, 2])
+def test_prompt_masks_equal_transformers_on_every_input_it_accepts(name, num_labels):
+    """The processor is transformers' on masks too: 0/1 and bool masks stay 0/1 (black), palette images give
+    their indices; the friendlier reading (0/1 scaled to 0/255, palette colours, alpha-only masks) belongs
+    to the Segmenter, the command line and the server (tests/test_masks.py, tests/test_trust.py)."""
+    mask = _mask_cases()[name]
+    options = {} if num_labels is None else {"num_labels": num_labels}
+    try:
+        reference = theirs(prompt_masks=mask, **options)
+    except (IndexError, TypeError, ValueError):
+        pytest.skip(f"transformers refuses a {name} mask with num_labels={num_labels}")
+    assert_same(ours(prompt_masks=mask, **options), reference)
+    rgb = np.repeat(np.asarray(mask, np.uint8)[..., None], 3, axis=-1)  # the same levels as an RGB picture
+    assert_same(ours(prompt_masks=rgb, do_convert_rgb=False), theirs(prompt_masks=rgb, do_convert_rgb=False))
 
 
 @pytest.mark.parametrize("source", [128, 256, 640, 1024, 449, 3])
@@ -346,7 +376,7 @@ def test_save_pretrained_writes_what_transformers_writes(tmp_path):
 def test_return_tensors_pt_and_batch_feature_to():
     image = _rgb(30, 40, 3)
     out = OURS(images=image, prompt_masks=image[..., 0] > 100, return_tensors="pt")
-    reference = THEIRS(image, prompt_masks=(image[..., 0] > 100).astype(np.uint8) * 255, return_tensors="pt")
+    reference = THEIRS(image, prompt_masks=image[..., 0] > 100, return_tensors="pt")
     for key in reference:
         assert isinstance(out[key], torch.Tensor) and out[key].dtype == torch.float32
         torch.testing.assert_close(out[key], reference[key], atol=1e-6, rtol=0)

@@ -266,7 +266,7 @@ def colour_map(args: argparse.Namespace):
 def load_model(args: argparse.Namespace, source: str | None = None, **kwargs: Any):
     """The painter from ``--model`` (or ``source``) with the shared Hub and layout options."""
     from ..config import SegGptConfig
-    from ..nn.models import SegGptForImageSegmentation
+    from ..models import SegGptForImageSegmentation
 
     name = source or args.model
     config = SegGptConfig.from_json_file(args.config) if getattr(args, "config", None) else None
@@ -344,11 +344,14 @@ def compile_ahead(args: argparse.Namespace, *, queries: int, prompts: int) -> Ca
     from ..inference.segmenter import compile_forward
     from ..weights import CheckpointError
 
+    from ..imaging.processor import SegGptImageProcessor
+
+    hub_options = dict(revision=args.revision, cache_dir=args.cache_dir, local_files_only=args.local_files_only)
     try:
         config = SegGptConfig.from_json_file(args.config) if getattr(args, "config", None) else \
-            SegGptConfig.from_pretrained(args.model, revision=args.revision, cache_dir=args.cache_dir,
-                                         local_files_only=args.local_files_only)
-    except (ConfigError, CheckpointError, OSError):
+            SegGptConfig.from_pretrained(args.model, **hub_options)
+        processor = SegGptImageProcessor.from_pretrained(args.model, **hub_options)  # the model's: the same program
+    except (ConfigError, CheckpointError, OSError, ValueError):
         return lambda: None
     batch = getattr(args, "batch_size", None)
     status(f"compiling the forward (first batch: {queries if batch is None else min(batch, queries)} "
@@ -360,8 +363,8 @@ def compile_ahead(args: argparse.Namespace, *, queries: int, prompts: int) -> Ca
     def run() -> None:
         try:
             if compile_forward(config, queries=queries, prompts=prompts, batch_size=batch,
-                               ensemble_mode=getattr(args, "ensemble_mode", "transformers"),
-                               devices=getattr(args, "devices", None)):
+                               ensemble_mode=getattr(args, "ensemble_mode", None) or "transformers",
+                               processor=processor, devices=getattr(args, "devices", None)):
                 finished.append(time.perf_counter())
         except Exception as e:  # noqa: BLE001 - only a head start: the first batch compiles and reports
             logging.getLogger(__name__).debug("compiling ahead failed: %s", e)

@@ -64,7 +64,7 @@ def run_convert(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ..files import OutputFolder, staging_folder
-    from ..nn.models import SegGptForImageSegmentation
+    from ..models import SegGptForImageSegmentation
     from ..weights import flat_parameters
 
     source = common.resolve_model_argument(args)

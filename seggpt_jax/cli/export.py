@@ -9,7 +9,7 @@ from ..runtime import ATTENTION_IMPLS, PLATFORMS
 from . import common
 from .common import UserError, status
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16")  # of runtime.COMPUTE_DTYPES, the two a server runs
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -48,8 +48,7 @@ def run_export(args: argparse.Namespace) -> int:
 
     from ..export import FILE_NAMES, attention_per_platform, export_model, export_platforms, require_serialization
     from ..files import OutputFolder
-    from ..imaging.processor import SegGptImageProcessor
-    from ..runtime import RuntimeConfig
+    from ..runtime import RuntimeConfig, exact_precision
 
     source = common.resolve_model_argument(args)
     common.check_output_folder(args.out_dir)
@@ -63,16 +62,12 @@ def run_export(args: argparse.Namespace) -> int:
     folder = OutputFolder(args.out_dir, overwrite=args.overwrite)
     for name in FILE_NAMES:
         folder.check(name)  # before the model loads (OutputConflict: one line, exit status 1)
-    model = common.load_model(args, source, dtype=dtype, precision="highest" if args.dtype == "float32" else None,
+    model = common.load_model(args, source, dtype=dtype, precision=exact_precision(args.dtype),
                               runtime=RuntimeConfig(attention=args.attention))
-    processor = SegGptImageProcessor.from_pretrained(
-        source, revision=args.revision, cache_dir=args.cache_dir, local_files_only=args.local_files_only,
-        size={"height": model.config.query_size[0], "width": model.config.query_size[1]})
     status(f"lowering the forward for {', '.join(platforms)} (batch {args.batch_size} x {args.prompts} "
            f"prompt{'s' if args.prompts > 1 else ''}, {args.dtype}) ...")
     exported = export_model(model, args.batch_size, platforms=platforms, prompts_per_query=args.prompts,
-                            ensemble_mode=args.ensemble_mode, weights_dtype=jnp.dtype(args.weights_dtype),
-                            processor=processor)
+                            ensemble_mode=args.ensemble_mode, weights_dtype=jnp.dtype(args.weights_dtype))
     status(f"writing {args.out_dir} ...")
     paths = exported.save(args.out_dir, overwrite=args.overwrite)
     meta = exported.metadata

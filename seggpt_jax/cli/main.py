@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 
+from ..version import __version__
 from . import common, convert, export, segment, serve, train
 from .common import UserError
 
@@ -26,8 +27,6 @@ EXIT_INTERRUPTED = 130
 
 
 def build_parser() -> common.Parser:
-    from .. import __version__
-
     parser = common.Parser(
         prog="seggpt-jax", formatter_class=common.HelpFormatter,
         description="SegGPT in JAX: segment images and videos from examples, fine-tune, evaluate, and convert "

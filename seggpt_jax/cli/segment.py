@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from ..version import __version__
 from . import common
 from .common import UserError, plural, status
 
@@ -166,8 +167,6 @@ def _model_identity(args: argparse.Namespace) -> dict:
 def job_key(args: argparse.Namespace, **settings: Any) -> str:
     """A fingerprint of what produces a command's outputs (model, prompt files, options): outputs of an
     earlier run with the same fingerprint are that run's answers to the same question."""
-    from .. import __version__
-
     data = {"version": __version__, "model": _model_identity(args), **settings}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:20]
 

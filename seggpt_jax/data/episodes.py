@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from ..config import check_count
 from ..imaging.decode import InputError
 from .datasets import DataError, Dataset, Problem
 
@@ -117,8 +118,7 @@ def hsnet_coco_stream(pools: Mapping[int, Sequence[str]], classes: Sequence[int]
 
 
 def _check_shots(shots: int) -> None:
-    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
-        raise ValueError(f"shots must be a positive integer, got {shots!r}")
+    check_count("shots", shots)
 
 
 # ------------------------------------------------------------------------------------ all pairs

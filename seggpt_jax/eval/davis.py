@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from ..data.datasets import DataError
+from ..inference.prompts import Prompt
 
 BOUND_TH = 0.008
 
@@ -199,7 +200,6 @@ def evaluate_davis(segmenter, dataset: DavisDataset, *, context_frames: int = 8,
     """The semi-supervised protocol: each sequence segmented from its first frame and annotation
     (every object a binary prompt, the previous ``context_frames`` predictions as context, objects
     merged per pixel by score), scored on all frames but the first and the last."""
-    from ..inference.prompts import Prompt
 
     meter = DavisMeter()
     start = time.perf_counter()

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from .. import parallel
+from ..config import check_count
 from ..data import Dataset, Episode
 from ..data.benchmarks import (BAD_SAMPLE_POLICIES, HSNET_EPISODES, CocoBenchmark, FSS1000Benchmark,
                                PascalBenchmark, Screened, screen_episodes)
@@ -34,7 +36,10 @@ from ..data.episodes import class_episodes, fold_classes, sample_episodes
 from ..data.loader import Prefetcher
 from ..data.splits import FSS_SPLITS, HsnetSplits
 from ..imaging.decode import InputError
+from ..nn.inputs import default_embedding_type
 from ..imaging.processor import classes_from_painted, resize_nearest
+from ..inference.ensemble import paint_queries, spatial_prompt
+from ..inference.prompts import Prompt
 from .metrics import ABSENT_CLASSES, FewShotMeter, confusion_matrix, iou_per_class, mean_iou
 
 FEW_SHOT_PROTOCOLS = ("fss1000", "pascal5i", "coco20i")
@@ -74,8 +79,6 @@ def evaluate_episodes(segmenter, dataset: Dataset, episodes: Sequence[Episode], 
     ``fit_masks``: masks of another size than their image are resized to it (nearest). An episode
     whose files cannot be decoded is left out and named in ``report["unreadable"]``.
     """
-    from ..inference.ensemble import paint_queries, spatial_prompt
-    from ..inference.prompts import Prompt
 
     ensemble = ensemble or segmenter.ensemble_mode
     if ensemble not in EVAL_ENSEMBLES:
@@ -84,9 +87,9 @@ def evaluate_episodes(segmenter, dataset: Dataset, episodes: Sequence[Episode], 
         raise ValueError(f"embedding_type must be 'instance' or 'semantic', got {embedding_type!r}")
     if threshold is not None and not 0 <= threshold <= 1:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-    if eval_size is not None and (isinstance(eval_size, bool) or not isinstance(eval_size, int) or eval_size < 1):
-        raise ValueError(f"eval_size must be a positive integer, got {eval_size!r}")
-    instance = (embedding_type or "instance") == "instance"
+    if eval_size is not None:
+        check_count("eval_size", eval_size)
+    instance = (embedding_type or default_embedding_type(None)) == "instance"
     meter = FewShotMeter(classes=list(classes) if classes is not None else None, absent=absent)
     start = time.perf_counter()
     shots = max((len(e.supports) for e in episodes), default=1)
@@ -134,8 +137,6 @@ def evaluate_episodes(segmenter, dataset: Dataset, episodes: Sequence[Episode], 
             progress(done, len(episodes))
     unreadable_entries = [{"file": p.path, "problem": p.text, "action": "episode skipped"} for p in unreadable]
     if merge:  # every process of a jax.distributed job: sum the scores of all of them
-        from .. import parallel
-
         parts = parallel.all_gather_json("few-shot scores", {
             "intersection": [[repr(k), v] for k, v in meter.intersection.items()],
             "union": [[repr(k), v] for k, v in meter.union.items()],

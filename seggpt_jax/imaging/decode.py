@@ -49,8 +49,8 @@ def describe(value: Any) -> str:
 #: with a warning, 179 refused) is replaced by this one. See :func:`open_image`.
 DEFAULT_MAX_PIXELS = 200_000_000
 #: What one query of ``P`` pixels may take beside the model while it is read, answered and written
-#: (decoding, the mask and the overlay at full size): at most ``14 P`` bytes (a 12000 x 12000 PNG
-#: measured 11.4 P, peak RSS; ``tests/test_trust.py``).
+#: (decoding, the mask and the overlay at full size): at most ``14 P`` bytes (``tests/test_trust.py``
+#: checks it on a 12000 x 12000 PNG; ``benchmarks/RESULTS.md`` has the measurement).
 BYTES_PER_QUERY_PIXEL = 14
 _pil_limit = threading.Lock()
 

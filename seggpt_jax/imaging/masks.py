@@ -274,6 +274,29 @@ def binary_picture(mask: Any, *, what: str = "prompt mask") -> np.ndarray:
     return rgb
 
 
+def transformers_picture(mask: Any, *, what: str = "prompt mask") -> np.ndarray:
+    """A binary-mode prompt mask read exactly as transformers' ``SegGptImageProcessor`` reads it
+    (``do_convert_rgb=True``, no ``num_labels``): one-channel levels repeated as they are (0/1 and bool
+    masks stay 0/1: black), palette images by their indices (not their colours). This is what
+    :class:`~seggpt_jax.SegGptImageProcessor` does; the :class:`~seggpt_jax.Segmenter`, the command line
+    and the server read masks by the friendlier rule of :func:`binary_picture`. RGB masks, which
+    transformers misreads (as a batch of rows), are taken as given."""
+    mask = _open(mask)
+    if isinstance(mask, Image.Image):
+        if mask.mode in ("P", "PA"):
+            levels = np.asarray(mask.convert("P") if mask.mode == "PA" else mask)
+            return np.repeat(levels[..., None], 3, axis=-1)
+        if mask.mode == "1":
+            return np.repeat(np.asarray(mask).astype(np.uint8)[..., None], 3, axis=-1)
+        return to_rgb_uint8(mask, what=what)
+    array = to_numpy(mask)
+    if array.dtype == bool:
+        array = array.astype(np.uint8)  # True is level 1, as transformers feeds it
+    elif np.issubdtype(array.dtype, np.signedinteger) or array.dtype in (np.uint32, np.uint64):
+        _check_grey_levels(array, _mask_name(mask, what))
+    return to_rgb_uint8(array, what=what)
+
+
 def class_ids(mask: Any, num_labels: int, *, colour_map: ColourMap | Mapping | str | None = None,
               ignore_index: int | None = None, what: str = "prompt mask") -> np.ndarray:
     """A semantic mask -> ``[H, W]`` int64 class ids ``0..num_labels`` (see module doc).
@@ -348,16 +371,17 @@ def semantic_picture(mask: Any, num_labels: int, *, colour_map: ColourMap | Mapp
 
 
 def prompt_picture(mask: Any, num_labels: int | None = None, *, colour_map: ColourMap | Mapping | str | None = None,
-                   what: str = "prompt mask", warn: bool = True) -> np.ndarray:
-    """What the model sees for a prompt mask: :func:`binary_picture` without ``num_labels``, else
-    :func:`semantic_picture`. With ``warn``, a mask that would probably be misread gets a
+                   what: str = "prompt mask", warn: bool = True, transformers: bool = False) -> np.ndarray:
+    """What the model sees for a prompt mask: :func:`binary_picture` without ``num_labels`` (or, with
+    ``transformers=True``, :func:`transformers_picture`: the processor's reading), else the palette
+    colours of its class ids. With ``warn``, a mask that would probably be misread gets a
     :class:`MaskWarning` (see the module doc)."""
     name = _mask_name(mask, what)
     mask = _open(mask)
     if num_labels is None:
         if colour_map is not None:
             raise ValueError("colour_map needs num_labels: it maps colours to class ids (semantic mode)")
-        picture = binary_picture(mask, what=what)
+        picture = transformers_picture(mask, what=what) if transformers else binary_picture(mask, what=what)
         if warn:
             for message in binary_prompt_problems(mask, picture):
                 _warn(f"{name} {message}")

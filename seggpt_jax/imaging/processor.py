@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image
 
 from ..files import write_json
+from ..hub import resolve_file
 from .decode import to_numpy, to_rgb_uint8
 from .masks import ColourMap, build_palette, class_ids, labels_to_rgb, prompt_picture
 
@@ -187,7 +188,6 @@ class SegGptImageProcessor:
             ModelNotFoundError: the folder does not exist, or the repo is neither on the Hub nor cached.
             ValueError: the file is not a JSON object, or holds an invalid value (naming the file and key).
         """
-        from ..weights.hub import resolve_file
 
         path = os.path.expanduser(os.fspath(name_or_path))
         if not (os.path.isfile(path) and path.endswith(".json")):
@@ -215,6 +215,17 @@ class SegGptImageProcessor:
         except ValueError as e:
             raise ValueError(f"invalid {path}: {e}") from None
         return cls(**{**options, **overrides})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SegGptImageProcessor":
+        """The processor of :meth:`to_dict`'s output (other keys ignored)."""
+        return cls(**{key: value for key, value in data.items() if key in DEFAULTS})
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, SegGptImageProcessor) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
 
     def to_dict(self) -> dict[str, Any]:
         """The options under transformers' ``preprocessor_config.json`` keys (what transformers writes)."""
@@ -292,8 +303,9 @@ class SegGptImageProcessor:
             rgb = []
             for i, mask in enumerate(_as_list(prompt_masks)):
                 what = f"prompt_masks[{i}]"
-                if options["do_convert_rgb"]:  # the mask rule: binary levels, or class ids painted with the palette
-                    rgb.append(prompt_picture(mask, options["num_labels"], colour_map=colour_map, what=what))
+                if options["do_convert_rgb"]:  # transformers' reading: levels as given, or the palette's colours
+                    rgb.append(prompt_picture(mask, options["num_labels"], colour_map=colour_map, what=what,
+                                              transformers=True))
                 else:  # RGB pictures as given, as transformers
                     rgb.append(to_rgb_uint8(mask, input_data_format, what=what))
             out["prompt_masks"] = [self._finish(m, True, options) for m in rgb]
@@ -453,3 +465,30 @@ def classes_from_painted(painted: np.ndarray, palette: np.ndarray, size: tuple[i
     classes = resize_nearest(distance.argmin(-1)[None], size)[0]
     scores = resize_nearest(-distance.transpose(2, 0, 1), size).astype(np.float32) if return_scores else None
     return classes, scores
+
+
+# ------------------------------------------------------------------------------------ the processor of a model
+def default_processor(config: Any) -> SegGptImageProcessor:
+    """transformers' default processing, at the size a model of ``config`` takes."""
+    height, width = config.query_size
+    return SegGptImageProcessor(size={"height": height, "width": width})
+
+
+def processor_for(model: Any) -> SegGptImageProcessor:
+    """The processor of a model: its own (from its checkpoint), or, for any other object with a
+    ``config`` (a model of :mod:`seggpt_jax.nn`, a stand-in), the defaults for that config."""
+    own = getattr(model, "processor", None)
+    return own if isinstance(own, SegGptImageProcessor) else default_processor(model.config)
+
+
+def as_processor(source: Any) -> SegGptImageProcessor:
+    """A processor from what a data pipeline is given: a processor itself, a model (its own:
+    :func:`processor_for`), a config (the defaults at its size) or a ``(height, width)`` size."""
+    if isinstance(source, SegGptImageProcessor):
+        return source
+    if hasattr(source, "config"):
+        return processor_for(source)
+    if hasattr(source, "query_size"):
+        return default_processor(source)
+    height, width = (int(v) for v in source)
+    return SegGptImageProcessor(size={"height": height, "width": width})

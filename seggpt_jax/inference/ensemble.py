@@ -21,7 +21,7 @@ from PIL import Image
 from ..imaging.decode import to_rgb_uint8
 from ..imaging.masks import ColourMap, prompt_picture
 from ..imaging.processor import SegGptImageProcessor
-from .prompts import as_prompt
+from .prompts import PromptPreparer, as_prompt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,10 +89,9 @@ def spatial_prompt(prompts: Sequence[Any], processor: SegGptImageProcessor, *, n
 def paint_queries(segmenter, items: Sequence[tuple[np.ndarray, list[Any]]], *, ensemble_mode: str = "original",
                   instance: bool = True, pad: bool = True) -> list[np.ndarray]:
     """Queries already in model inputs, each with its prompts (pairs or prepared prompts, the same count
-    for all): the painted ``[3, h, w]`` answers (``[0, 255]``), ``segmenter.batch_size`` rows per forward."""
-    from .prompts import PromptPreparer
-    from .segmenter import _Query
-
+    for all): the painted ``[3, h, w]`` answers (``[0, 255]``), ``segmenter.batch_size`` rows per forward
+    (:meth:`~seggpt_jax.Segmenter.paint_batch`; with ``pad``, a last short batch padded to the full one
+    on accelerators, as the Segmenter does)."""
     if not items:
         return []
     count = len(items[0][1])
@@ -100,7 +99,10 @@ def paint_queries(segmenter, items: Sequence[tuple[np.ndarray, list[Any]]], *, e
     preparer = PromptPreparer(segmenter.processor, None)
     out: list[np.ndarray] = []
     for offset in range(0, len(items), per_forward):
-        chunk = [_Query(i, pixels, (0, 0), None, list(prompts), instance)
-                 for i, (pixels, prompts) in enumerate(items[offset:offset + per_forward])]
-        out += segmenter._paint(chunk, preparer, ensemble_mode, pad)
+        chunk = items[offset:offset + per_forward]
+        rows = [(pixels, *preparer(prompt)) for pixels, prompts in chunk for prompt in prompts]
+        target = per_forward * count if pad and segmenter.pad_batches else None
+        out += list(segmenter.paint_batch(np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]),
+                                          np.stack([r[2] for r in rows]), np.full(len(rows), instance),
+                                          prompts_per_query=count, ensemble_mode=ensemble_mode, rows=target))
     return out

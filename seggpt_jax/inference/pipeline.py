@@ -26,8 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from .. import parallel
 from ..imaging.decode import InputError, to_rgb_uint8
-from .segmenter import InputFailure, SegmentationResult
+from .results import InputFailure, SegmentationResult
 
 #: Decoded pictures up to this many pixels are kept for ``write`` (an overlay needs them); larger ones
 #: are read again there, so that the queries decoded ahead never hold more than a few hundred MB.
@@ -67,8 +68,6 @@ def run_pipeline(segmenter, items: Iterable[Any], prompts: Any, *,
         lockstep: every process of a ``jax.distributed`` job calls this with its own items; the forwards
             run together, padded to full batches.
     """
-    from .. import parallel
-
     binary = num_labels is None
     instance = (embedding_type or ("instance" if binary else "semantic")) == "instance"
     prepared = segmenter.prepare_prompts(prompts, num_labels=num_labels, colour_map=colour_map)

@@ -19,7 +19,6 @@ device's (see :mod:`seggpt_jax.parallel` for the float bound).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 import threading
@@ -29,83 +28,33 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 
+from ..config import check_count
 from ..imaging.decode import DEFAULT_MAX_PIXELS, InputError, to_rgb_uint8
-from ..imaging.masks import ColourMap, build_palette
-from ..imaging.processor import (SegGptImageProcessor, painted_query, palette_distances, resize_nearest,
-                                 smallest_uint)
-from ..nn.inputs import EMBEDDING_TYPES, ENSEMBLE_MODES
+from ..imaging.masks import ColourMap
+from ..imaging.processor import painted_query, processor_for
+from ..models import SegGptForImageSegmentation
+from ..nn.inputs import EMBEDDING_TYPES, ENSEMBLE_MODES, default_embedding_type, prepare
+from ..nn.models import _forward_jit
 from ..parallel import DataParallel, pad_groups
+from ..runtime import enable_compilation_cache
 from .prompts import PreparedPrompt, PromptPreparer, is_per_query, normalise_prompts
+from .results import InputFailure, SegmentationResult, result_from_painted
+from .video import segment_video
 
 logger = logging.getLogger(__name__)
 
 #: Rows per forward and per device when none is given. On CPU one query per forward is the fastest per
-#: image (ViT-L, 2-core x86: 0.20 images/s at batch 1 against 0.16 at batch 4; ``python -m
-#: benchmarks.benchmark``), because the forward is compute-bound and a larger batch only adds cache
-#: pressure. Accelerators need large batches to fill their matrix units.
+#: image (measured by ``python -m benchmarks.benchmark``, ``benchmarks/RESULTS.md``): the forward is
+#: compute-bound and a larger batch only adds cache pressure. Accelerators need large batches to fill
+#: their matrix units.
 DEFAULT_BATCH_SIZE = {"cpu": 1}
 ACCELERATOR_BATCH_SIZE = 32
 
 
 def default_batch_size(backend: str | None = None) -> int:
     return DEFAULT_BATCH_SIZE.get(backend or jax.default_backend(), ACCELERATOR_BATCH_SIZE)
-
-
-@dataclasses.dataclass
-class SegmentationResult:
-    """The answer for one query, at the query's original size ``(height, width)``.
-
-    Attributes:
-        mask: ``[H, W]`` bool foreground (binary mode) or class ids ``0..num_labels`` (semantic mode;
-            uint8, or uint16 beyond 255 labels).
-        scores: ``[num_labels + 1, H, W]`` float32 ``-squared distance`` of each pixel's colour to
-            each class colour (higher is closer), when requested.
-        source: the query's path, when it was given as one.
-        painted: ``[H, W, 3]`` uint8: the colours the model painted (the raw answer), made at full size
-            when first read (:attr:`painted_small` is the model's own resolution).
-    """
-
-    mask: np.ndarray
-    painted_small: np.ndarray  # [h, w, 3] uint8 at the model's resolution
-    scores: np.ndarray | None = None
-    source: str | None = None
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return tuple(self.mask.shape)
-
-    @property
-    def painted(self) -> np.ndarray:
-        return resize_nearest(self.painted_small.transpose(2, 0, 1), self.size).transpose(1, 2, 0)
-
-
-def result_from_painted(picture: np.ndarray, size: tuple[int, int], *, num_labels: int | None,
-                        return_scores: bool = False, source: str | None = None) -> SegmentationResult:
-    """A painted ``[3, h, w]`` answer in ``[0, 255]`` -> the query's :class:`SegmentationResult` at ``size``.
-
-    Each pixel takes the class of the nearest palette colour (binary: black or white), decided at the
-    model's resolution and then resized with torch's nearest rule (the two commute, so this equals
-    transformers' post-processing, which resizes first). Only the answer's own dtype (bool, or the
-    smallest unsigned integer for the classes) is made at full size.
-    """
-    palette = _palette(1 if num_labels is None else num_labels)
-    distance = palette_distances(picture, palette)  # [h, w, L+1]
-    classes = distance.argmin(-1).astype(smallest_uint(len(palette)))
-    small = classes == 1 if num_labels is None else classes
-    mask = resize_nearest(small[None], size)[0]
-    scores = resize_nearest(-distance.transpose(2, 0, 1), size).astype(np.float32) if return_scores else None
-    return SegmentationResult(mask=mask, painted_small=np.ascontiguousarray(
-        picture.astype(np.uint8).transpose(1, 2, 0)), scores=scores, source=source)
-
-
-@dataclasses.dataclass(frozen=True)
-class InputFailure:
-    """A query that could not be read (``errors="return"``): its position, its path, and why."""
-
-    index: int
-    source: str | None
-    message: str
 
 
 @dataclasses.dataclass
@@ -145,16 +94,13 @@ class Segmenter:
                  compilation_cache: bool | str | os.PathLike | None = None,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS, devices: Any = None):
         _check_choice("ensemble_mode", ensemble_mode, ENSEMBLE_MODES)
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                       or batch_size < 1):
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if batch_size is not None:
+            check_count("batch_size", batch_size)
         if compilation_cache:
-            from ..runtime import enable_compilation_cache
-
             enable_compilation_cache(None if compilation_cache is True else compilation_cache)
         self.parallel = DataParallel(devices)
         self.model = self.parallel.place(model)
-        self.processor = SegGptImageProcessor(size=model.config.query_size)
+        self.processor = processor_for(model)
         self.batch_size = batch_size or default_batch_size() * self.parallel.local_size
         self.pad_batches = jax.default_backend() != "cpu"
         self.ensemble_mode = ensemble_mode
@@ -167,8 +113,6 @@ class Segmenter:
                         compilation_cache: bool | str | None = None, devices: Any = None,
                         **load_kwargs: Any) -> "Segmenter":
         """Load the model (any source :meth:`SegGptForImageSegmentation.from_pretrained` accepts)."""
-        from ..nn.models import SegGptForImageSegmentation
-
         model = SegGptForImageSegmentation.from_pretrained(name_or_path, **load_kwargs)
         return cls(model, batch_size=batch_size, ensemble_mode=ensemble_mode, compilation_cache=compilation_cache,
                    devices=devices)
@@ -236,7 +180,7 @@ class Segmenter:
         total = len(images) if isinstance(images, Sequence) else None
         per_query = normalise_prompts(prompts, total) if is_per_query(prompts) else None
         shared = normalise_prompts(prompts, None) if per_query is None else None
-        types = _embedding_types(embedding_type, total, "instance" if binary else "semantic")
+        types = _embedding_types(embedding_type, total, default_embedding_type(None if binary else num_labels))
         prepare_prompt = PromptPreparer(self.processor, None if binary else num_labels,
                                         None if binary else colour_map)
 
@@ -401,8 +345,6 @@ class Segmenter:
         See :func:`seggpt_jax.inference.video.segment_video`; frames are read and yielded one at a
         time, so memory does not grow with the clip.
         """
-        from .video import segment_video
-
         return segment_video(self, frames, prompt, context_frames=context_frames, ensemble_mode=ensemble_mode,
                              embedding_type=embedding_type, progress=progress, errors=errors, objects=objects)
 
@@ -414,14 +356,10 @@ def compile_forward(config, *, queries: int, prompts: int = 1, batch_size: int |
     No weights are needed (the model is built abstractly), so this can run while the weights load
     (:func:`compile_ahead`); XLA keeps the executable and the Segmenter's first batch does not compile
     again. ``model_kwargs`` are the model's construction settings (``dtype``, ``param_dtype``,
-    ``precision``, ``runtime``), as given to ``from_pretrained``. Over several ``devices`` nothing is
-    compiled ahead (the sharded program compiles with the first batch). Returns whether it compiled.
+    ``precision``, ``runtime``, and the ``processor`` of the checkpoint: part of the model, so of the program).
+    Over several ``devices`` nothing is compiled ahead (the sharded program compiles with the first
+    batch). Returns whether it compiled.
     """
-    from flax import nnx
-
-    from ..nn.inputs import prepare
-    from ..nn.models import SegGptForImageSegmentation, _forward_jit
-
     if DataParallel(devices).active:
         logger.debug("not compiling ahead: the forward over several devices compiles with its first batch")
         return False
@@ -450,13 +388,6 @@ def compile_ahead(config, **kwargs: Any) -> Callable[[], None]:
     thread = threading.Thread(target=run, name="seggpt-jax-compile", daemon=True)
     thread.start()
     return thread.join
-
-
-@functools.lru_cache(maxsize=64)
-def _palette(num_labels: int) -> np.ndarray:
-    palette = np.asarray(build_palette(num_labels), dtype=np.float32)
-    palette.flags.writeable = False  # shared by every call
-    return palette
 
 
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:

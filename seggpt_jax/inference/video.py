@@ -27,11 +27,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..config import check_count
 from ..imaging.decode import InputError, describe, open_image, to_rgb_uint8
 from ..imaging.masks import build_palette
 from ..imaging.processor import resize_nearest
 from ..nn.inputs import EMBEDDING_TYPES, ENSEMBLE_MODES
 from .prompts import PromptPreparer, as_prompt
+from .results import InputFailure, SegmentationResult, result_from_painted
 
 
 def object_ids(mask: Any) -> list[int] | None:
@@ -85,10 +87,7 @@ def segment_video(segmenter, frames: Iterable[Any], prompt: Any, *, context_fram
     values or an integer array); ``False`` always reads the mask as binary. Binary: ``mask`` is bool;
     objects: ``mask`` holds object ids.
     """
-    from .segmenter import InputFailure, result_from_painted
-
-    if isinstance(context_frames, bool) or not isinstance(context_frames, int) or context_frames < 0:
-        raise ValueError(f"context_frames must be a non-negative integer, got {context_frames!r}")
+    check_count("context_frames", context_frames, minimum=0)
     if ensemble_mode not in ENSEMBLE_MODES or embedding_type not in EMBEDDING_TYPES:
         raise ValueError(f"ensemble_mode must be one of {ENSEMBLE_MODES} and embedding_type one of {EMBEDDING_TYPES}")
     if errors not in ("raise", "return"):
@@ -133,8 +132,6 @@ def _segment_objects(segmenter, frames: Iterable[Any], first: Any, ids: list[int
                      errors: str) -> Iterator[Any]:
     """The multi-object procedure (module doc): one binary prompt per object, merged per pixel by score.
     Each object runs with ``context_frames + 1`` prompt slots, unused ones masked (one program)."""
-    from .segmenter import InputFailure, SegmentationResult
-
     if len(set(ids)) != len(ids) or any(not 0 < i < 256 for i in ids):
         raise ValueError(f"object ids must be distinct and in 1..255, got {ids}")
     processor = segmenter.processor
@@ -182,8 +179,6 @@ def _segment_objects(segmenter, frames: Iterable[Any], first: Any, ids: list[int
 def _queries(segmenter, frames: Iterable[Any], errors: str) -> Iterator[tuple[int, Any]]:
     """``(index, (pixels, size, source))`` per frame, or ``(index, InputFailure)`` for an unreadable one
     (``errors="return"``)."""
-    from .segmenter import InputFailure
-
     for index, frame in enumerate(frames):
         try:
             yield index, segmenter.prepare_query(frame)

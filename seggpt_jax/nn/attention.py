@@ -42,8 +42,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .chunked_attention import attention_chunked
-from ..runtime import ATTENTION_IMPLS, PLATFORMS, platform_name  # noqa: F401 (the names live in runtime)
+from .chunked_attention import attention_chunked, default_tile_rows
+from ..runtime import ATTENTION_IMPLS, PLATFORMS, ExecutionPlan, backend_of, platform_name  # noqa: F401
+from ..runtime import resolve_attention as resolve_impl  # noqa: F401 (the rule lives in runtime)
 from .flash_attention import FlashOptions, attention_flash
 from .ops import relative_tables
 
@@ -77,28 +78,6 @@ def attention_plain(
 
 # ------------------------------------------------------------------------------------ fast paths
 _HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-
-
-def backend_of(platform: str | None) -> str:
-    """``"cpu"``, ``"gpu"`` or ``"tpu"`` for a target platform; ``None``: ``jax.default_backend()``."""
-    name = platform_name(platform)
-    return "gpu" if name == "cuda" else name
-
-
-def resolve_impl(impl: str, dtype, platform: str | None = None) -> str:
-    """The implementation ``impl`` means for a compute ``dtype`` on a target ``platform`` (default: the
-    default backend); ``"auto"``: ``"chunked"`` on CPU, ``"flash"`` on GPU and TPU (module docstring).
-
-    Raises ``ValueError`` for ``"widened"`` in float32 on GPU (cuDNN takes half precision only)."""
-    if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}, got {impl!r}")
-    backend = backend_of(platform)
-    if impl == "auto":
-        return "chunked" if backend == "cpu" else "flash"
-    if impl == "widened" and backend == "gpu" and jnp.dtype(dtype) not in _HALF:
-        raise ValueError(f"attention='widened' on GPU is cuDNN's fused attention, which takes bfloat16 or float16, "
-                         f"not {jnp.dtype(dtype).name}; use 'flash' (or 'auto')")
-    return impl
 
 
 def widen(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, grid: tuple[int, int],
@@ -150,18 +129,22 @@ def attention_widened(
     return out[..., :dim]
 
 
-def attention(q, k, v, *, impl: str, scale: float, grid: tuple[int, int], rel_pos, precision=None,
-              platform: str | None = None, flash: FlashOptions | None = None) -> jax.Array:
-    """Dispatch to one implementation (``impl`` already resolved for ``platform``, see :func:`resolve_impl`).
-    ``q, k, v: [B, N, heads, hd]``; returns ``[B, N, heads, hd]``. ``platform`` (static; default: the
-    default backend) picks the flash kernel's lowering and the widened path's implementation;
-    ``flash`` (default ``FlashOptions()``) the flash kernel's blocks, bias mode, interpret mode, GPU
-    backend and partitioning over the mesh in context."""
+def attention(q, k, v, *, plan: ExecutionPlan | None = None, impl: str | None = None, scale: float,
+              grid: tuple[int, int], rel_pos, precision=None, platform: str | None = None,
+              flash: FlashOptions | None = None) -> jax.Array:
+    """Dispatch to the implementation of an :class:`~seggpt_jax.runtime.ExecutionPlan` (the model's), or
+    to ``impl`` on ``platform`` (already resolved; tests and benchmarks call one directly). ``q, k, v:
+    [B, N, heads, hd]``; returns ``[B, N, heads, hd]``. ``flash`` overrides the kernel options the plan
+    gives (blocks, bias mode, interpret mode, GPU backend, partitioning over the mesh in context)."""
+    if plan is not None:
+        impl, platform = plan.attention, plan.platform
+        flash = flash or FlashOptions(interpret=plan.interpret or None, gpu_backend=plan.gpu_backend)
     kwargs = dict(scale=scale, grid=grid, rel_pos=rel_pos, precision=precision)
     if impl == "plain":
         return attention_plain(q, k, v, **kwargs)
     if impl == "chunked":
-        return attention_chunked(q, k, v, **kwargs)
+        tile_rows = None if plan is None else default_tile_rows(*grid, max_queries=plan.tile_queries)
+        return attention_chunked(q, k, v, tile_rows=tile_rows, **kwargs)
     if impl == "flash":
         return attention_flash(q, k, v, platform=backend_of(platform), **(flash or FlashOptions()).kwargs(), **kwargs)
     if impl == "widened":

@@ -153,7 +153,7 @@ class SegGptEncoder(nnx.Module):
 
         With a remat policy each layer is one :func:`~seggpt_jax.nn.ops.remat` call over its parameters:
         the backward pass recomputes it from what the policy saves, one layer at a time."""
-        runtime = settings.runtime
+        plan = settings.plan
         splits = [nnx.split(self.layers[i]) for i in range(start, stop)]
         graphdef = splits[0][0]  # every layer has the same graph
 
@@ -162,9 +162,9 @@ class SegGptEncoder(nnx.Module):
                                               keys=(None, None) if layer_keys is None else (layer_keys[0],
                                                                                             layer_keys[1]))
 
-        if runtime.remat_policy is not None:
-            apply = remat(apply, remat_policy(runtime.remat_policy))
-        if not runtime.scan_layers or stop - start == 1:
+        if plan.remat_policy is not None:
+            apply = remat(apply, remat_policy(plan.remat_policy))
+        if not plan.scan_layers or stop - start == 1:
             inputs = []
             for i, (_, state) in zip(range(start, stop), splits):
                 if collect:

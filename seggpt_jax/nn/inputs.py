@@ -19,6 +19,12 @@ from ..arrays import from_torch
 from ..config import SegGptConfig
 
 EMBEDDING_TYPES = ("semantic", "instance")  # index 0 = semantic, 1 = instance (the BAAI code's seg_type)
+
+
+def default_embedding_type(num_labels: int | None) -> str:
+    """The task embedding a mode defaults to, everywhere (inference, training, prompt tuning): ``"instance"``
+    for binary masks, ``"semantic"`` for class ids (``num_labels``)."""
+    return "instance" if num_labels is None else "semantic"
 ENSEMBLE_MODES = ("transformers", "original")
 
 
@@ -170,6 +176,7 @@ def prepare(
     prompts_per_query: int | None = None,
     dropout_rng: Any = None,
     prompt_valid: Any = None,
+    valid: Any = None,
 ) -> tuple[dict[str, Any], ForwardOptions]:
     """Check the caller's arguments; return the array inputs and the static options."""
     expected = (config.num_channels, *config.query_size)
@@ -208,6 +215,9 @@ def prepare(
         raise TypeError("dropout_rng must be a jax PRNG key (jax.random.key(seed)) or None")
     arrays["dropout_rng"] = dropout_rng
     arrays["prompt_valid"] = _prompt_valid(prompt_valid, batch, prompts_per_query or batch, feature_ensemble)
+    if valid is not None and labels is None:
+        raise ValueError("valid selects the pixels the loss counts: it needs labels")
+    arrays["valid"] = None if valid is None else from_torch(valid)
     options = ForwardOptions(
         feature_ensemble=feature_ensemble,
         ensemble_mode=ensemble_mode,

@@ -4,13 +4,13 @@ Parameter names match transformers' (``layernorm_before``, ``attention.qkv``, ``
 ``decoder_pred.conv``) with Flax leaf names (``kernel``, ``bias``, ``scale``); activations are NHWC.
 
 Modules hold parameters and the structure the config gives them, never how to compute: the compute
-dtype, the matmul precision and the :class:`~seggpt_jax.RuntimeConfig` arrive as one
-:class:`ModelSettings` argument of every call. The top-level model holds it once.
+dtype, the matmul precision and the execution plan they resolve to arrive as one
+:class:`~seggpt_jax.runtime.ModelSettings` argument of every call. The top-level model holds it once;
+layers read ``settings.plan`` and decide nothing.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -20,38 +20,12 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from ..config import SegGptConfig
-from ..runtime import RuntimeConfig
-from .attention import attention, resolve_impl
+from ..runtime import ModelSettings  # noqa: F401 (re-exported: the settings live in runtime)
+from .attention import attention
 from .ops import activation, layer_norm, linear, resize_position_embeddings
 
 Array = jax.Array
 Initializer = Callable[[Array, tuple[int, ...], Any], Array]
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSettings:
-    """How a model computes, fixed when it is built (``model.with_settings(...)`` gives a new model).
-
-    Attributes:
-        dtype: compute dtype of activations and matmuls (``jnp.bfloat16`` for mixed precision);
-            LayerNorm statistics and the softmax stay float32. The parameters keep their own dtype.
-        precision: matmul precision of every dot (``None``: the backend default; ``"highest"`` for
-            float32 parity on GPU/TPU); a string is normalised to ``jax.lax.Precision``.
-        runtime: execution switches (attention kernel, layer scan, remat).
-    """
-
-    dtype: Any = jnp.float32
-    precision: Any = None
-    runtime: RuntimeConfig = RuntimeConfig()
-
-    def __post_init__(self):
-        object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
-        if isinstance(self.precision, str):
-            object.__setattr__(self, "precision", jax.lax.Precision(self.precision))
-        if self.runtime is None:
-            object.__setattr__(self, "runtime", RuntimeConfig())
-        if not isinstance(self.runtime, RuntimeConfig):
-            raise TypeError(f"runtime must be a seggpt_jax.RuntimeConfig, got {type(self.runtime).__name__}")
 
 
 def trunc_normal(config: SegGptConfig) -> Initializer:
@@ -211,10 +185,8 @@ class SegGptAttention(nnx.Module):
         qkv = checkpoint_name(self.qkv(x, settings).reshape(batch, rows * cols, 3, heads, channels // heads), "qkv")
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, hd]
         rel_pos = None if self.rel_pos_h is None else (self.rel_pos_h[...], self.rel_pos_w[...])
-        platform = settings.runtime.platform
-        out = attention(q, k, v, impl=resolve_impl(settings.runtime.attention, settings.dtype, platform),
-                        scale=self.scale, grid=(rows, cols), rel_pos=rel_pos, precision=settings.precision,
-                        platform=platform)  # [B, N, heads, hd]
+        out = attention(q, k, v, plan=settings.plan, scale=self.scale, grid=(rows, cols), rel_pos=rel_pos,
+                        precision=settings.precision)  # [B, N, heads, hd]
         out = checkpoint_name(out, "attention")
         return checkpoint_name(self.proj(out.reshape(batch, rows, cols, channels), settings), "attention_out")
 

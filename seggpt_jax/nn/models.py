@@ -37,7 +37,6 @@ from flax import nnx
 
 from ..config import SegGptConfig
 from ..runtime import RuntimeConfig
-from ..weights.pretrained import PretrainedMixin
 from .encoder import ModelOutput, SegGptEncoder, SegGptEncoderOutput
 from .inputs import ForwardOptions, prepare
 from .layers import ModelSettings, SegGptDecoder, SegGptEmbeddings
@@ -53,12 +52,15 @@ __all__ = ["SegGptEncoderOutput", "SegGptForImageSegmentation", "SegGptImageSegm
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SegGptImageSegmentationOutput(ModelOutput):
-    """``pred_masks``: ``[B, 3, H, W]`` painted canvas (NCHW, float32), prompt half on top."""
+    """``pred_masks``: ``[B, 3, H, W]`` painted canvas (NCHW, float32), prompt half on top. With labels,
+    ``loss`` and ``loss_terms`` (its ``(sum, count)``, whose ratio it is: what gradient accumulation adds
+    up, see :func:`~seggpt_jax.nn.loss.painter_loss_terms`)."""
 
     loss: Array | None = None
     pred_masks: Array | None = None
     hidden_states: tuple[Array, ...] | None = None
     intermediate_hidden_states: tuple[Array, ...] | None = None
+    loss_terms: tuple[Array, Array] | None = None
 
     def to_tuple(self) -> tuple:
         """transformers' tuple (``return_dict=False``): those of ``loss, pred_masks, hidden_states`` that
@@ -93,18 +95,28 @@ class SegGptBackbone(nnx.Module):
         return self.encoder(embeddings, settings, options, inputs.get("dropout_rng"), inputs.get("prompt_valid"))
 
 
-class _Model(PretrainedMixin):
-    """What both public models share: the settings, the new-model-with-other-settings methods, and the
+class _Model:
+    """What both model classes share: the settings, the new-model-with-other-settings methods, and the
     validated, jitted public call."""
 
     config: SegGptConfig
     settings: ModelSettings
 
-    def _init_settings(self, config: Any, dtype: Any, precision: Any, runtime: Any) -> None:
+    def _init_settings(self, config: Any, dtype: Any, precision: Any, runtime: Any,
+                       settings: ModelSettings | None) -> None:
         if not isinstance(config, SegGptConfig):
             raise TypeError(f"config must be a SegGptConfig, got {type(config).__name__}")
         self.config = config
-        self.settings = ModelSettings(dtype=dtype, precision=precision, runtime=runtime)
+        if settings is None:
+            settings = ModelSettings(dtype=dtype, precision=precision, runtime=runtime)
+        elif not isinstance(settings, ModelSettings):
+            raise TypeError(f"settings must be a ModelSettings, got {type(settings).__name__}")
+        self.settings = settings
+
+    def _construction(self) -> dict[str, Any]:
+        """What building another copy of this model takes besides its config and settings (subclasses add
+        their own, e.g. the processor of :class:`seggpt_jax.models.SegGptForImageSegmentation`)."""
+        return {}
 
     def _run(self, *args: Any, output_attentions: bool | None, **kwargs: Any) -> Any:
         if output_attentions:
@@ -129,10 +141,11 @@ class _Model(PretrainedMixin):
         arrays). With ``shared=True`` it is a view over this model's Variables: training the view trains
         this model, as :class:`~seggpt_jax.train.Trainer` does with its training settings."""
         settings = dataclasses.replace(self.settings, **changes)
-        graphdef, state = nnx.split(self)
-        model = nnx.merge(graphdef, state, copy=not shared)
-        model.settings = settings
-        return model
+        cls, config, extra = type(self), self.config, self._construction()
+        abstract = nnx.eval_shape(lambda: cls(config, settings=settings, rngs=nnx.Rngs(0), **extra))
+        graphdef, _ = nnx.split(abstract)  # the same structure, built with the new settings
+        _, state = nnx.split(self)
+        return nnx.merge(graphdef, state, copy=not shared)
 
     def with_runtime(self: M, runtime: RuntimeConfig | None = None, /, **changes: Any) -> M:
         """A new model with another :class:`RuntimeConfig`: the one given, or this model's with ``changes``
@@ -154,8 +167,9 @@ class SegGptModel(_Model, SegGptBackbone):
     _checkpoint_prefix = "model."  # its parameters sit under ``model.`` in the full painter
 
     def __init__(self, config: SegGptConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                 precision: Any = None, runtime: RuntimeConfig | None = None, rngs: nnx.Rngs):
-        self._init_settings(config, dtype, precision, runtime)
+                 precision: Any = None, runtime: RuntimeConfig | None = None,
+                 settings: ModelSettings | None = None, rngs: nnx.Rngs):
+        self._init_settings(config, dtype, precision, runtime, settings)
         SegGptBackbone.__init__(self, config, param_dtype=param_dtype, rngs=rngs)
 
     def forward_prepared(self, inputs: dict[str, Any], options: ForwardOptions) -> SegGptEncoderOutput:
@@ -185,8 +199,9 @@ class SegGptForImageSegmentation(_Model, nnx.Module):
     smooth-L1 loss over masked patches."""
 
     def __init__(self, config: SegGptConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                 precision: Any = None, runtime: RuntimeConfig | None = None, rngs: nnx.Rngs):
-        self._init_settings(config, dtype, precision, runtime)
+                 precision: Any = None, runtime: RuntimeConfig | None = None,
+                 settings: ModelSettings | None = None, rngs: nnx.Rngs):
+        self._init_settings(config, dtype, precision, runtime, settings)
         self.model = SegGptBackbone(config, param_dtype=param_dtype, rngs=rngs)
         self.decoder = SegGptDecoder(config, param_dtype=param_dtype, rngs=rngs)
 
@@ -197,27 +212,21 @@ class SegGptForImageSegmentation(_Model, nnx.Module):
         features = jnp.concatenate(encoded.intermediate_hidden_states, axis=-1)  # [B, h, w, C * taps]
         pred = self.decoder(features, self.settings).astype(jnp.float32)  # [B, H, W, 3]
         pred_masks = jnp.transpose(pred, (0, 3, 1, 2))  # NCHW like transformers
-        loss = None
-        if inputs.get("labels") is not None:
-            loss = painter_loss(self.config, pred_masks, inputs["prompt_masks"], inputs["labels"],
-                                inputs["bool_masked_pos"])
+        loss = terms = None
+        if inputs.get("labels") is not None:  # the loss, once: its terms and their ratio
+            terms = painter_loss_terms(self.config, pred_masks, inputs["prompt_masks"], inputs["labels"],
+                                       inputs["bool_masked_pos"], inputs.get("valid"))
+            loss = terms[0] / terms[1]
         return SegGptImageSegmentationOutput(
             loss=loss, pred_masks=pred_masks, hidden_states=encoded.hidden_states,
-            intermediate_hidden_states=encoded.intermediate_hidden_states)
-
-    def export(self, batch_size: int, **options: Any):
-        """This forward lowered with ``jax.export`` for serving (``platforms=``, ``dtype=``,
-        ``prompts_per_query=``, ...: :func:`seggpt_jax.export.export_model`); ``.save(folder)`` writes it."""
-        from ..export import export_model
-
-        return export_model(self, batch_size, **options)
+            intermediate_hidden_states=encoded.intermediate_hidden_states, loss_terms=terms)
 
     def __call__(self, pixel_values, prompt_pixel_values, prompt_masks, bool_masked_pos=None,
                  feature_ensemble: bool | None = False, embedding_type: Any = "instance", labels=None,
                  output_attentions: bool | None = None, output_hidden_states: bool | None = False,
                  return_dict: bool | None = None, *, ensemble_mode: str = "transformers",
                  prompts_per_query: int | None = None, dropout_rng: Array | None = None,
-                 prompt_valid: Any = None) -> SegGptImageSegmentationOutput | tuple:
+                 prompt_valid: Any = None, valid: Any = None) -> SegGptImageSegmentationOutput | tuple:
         """Paint the query's mask. Arguments (in transformers' order) and layout follow
         ``transformers.SegGptForImageSegmentation``; ``None`` means the default, as there.
 
@@ -240,6 +249,8 @@ class SegGptForImageSegmentation(_Model, nnx.Module):
             prompts_per_query: with ``feature_ensemble``, the batch is groups of this many
                 consecutive samples, one group per query (default: the whole batch is one query).
             dropout_rng: a PRNG key enables drop-path (training); ``None`` is inference.
+            valid: with ``labels``, ``[B, 1 or 3, H, W]`` pixels of the mask canvas the loss counts (or
+                ``[B, 1, H/2, W]`` of the query half), the BAAI code's validity mask; default: all.
             prompt_valid: with ``feature_ensemble``, ``[B]`` flags of the prompts that take part in
                 their query's ensemble (default: all); a query with one valid prompt runs as without
                 the ensemble. Padding groups with unused prompts then changes nothing, so a varying
@@ -250,7 +261,7 @@ class SegGptForImageSegmentation(_Model, nnx.Module):
         """
         out = self._run(pixel_values, prompt_pixel_values, prompt_masks, bool_masked_pos, feature_ensemble,
                         embedding_type, labels, ensemble_mode, output_hidden_states, prompts_per_query, dropout_rng,
-                        prompt_valid, output_attentions=output_attentions)
+                        prompt_valid, valid, output_attentions=output_attentions)
         return out if return_dict is None or return_dict else out.to_tuple()
 
 

@@ -230,8 +230,7 @@ def zeros_after(shape: tuple[int, ...], dtype: Any, dependency: Any) -> jax.Arra
 
     For the buffers a loop writes its results into: a plain ``jnp.zeros`` (or the output buffer of a
     ``lax.scan``) depends on nothing, and XLA:CPU's scheduler may materialise it at the very start of
-    the program, where every such buffer of every layer then lives through the whole step (ViT-L
-    training: 0.65 GB of the attention backward's buffers)."""
+    the program, where every such buffer of every layer then lives through the whole step."""
     return jnp.broadcast_to((_one_after(dependency) - 1).astype(dtype), shape)
 
 
@@ -242,8 +241,8 @@ def remat(fn: Callable[..., Any], policy: Callable[..., bool]) -> Callable[..., 
 
     ``jax.checkpoint`` guards its recomputation with optimization barriers, which XLA:CPU removes
     (``OptimizationBarrierExpander``) before it schedules: the recomputation depends on forward values
-    only, so the scheduler runs it early and its activations live as long as without remat (ViT-L,
-    unrolled layers: 6.27 GiB of temporaries with ``"full"``, 5.59 GiB without remat). Here the
+    only, so the scheduler runs it early and its activations live as long as without remat (the figures
+    are in ``benchmarks/RESULTS.md``, training memory). Here the
     checkpointed function's pullback is this function's backward rule (a ``jax.custom_vjp``), and every
     float residual it recomputes from, except the weights, is multiplied by a 1 computed from the
     cotangent (:func:`_one_after`): an exact copy that exists only once the backward pass gets here.

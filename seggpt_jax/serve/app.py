@@ -31,7 +31,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
+from ..version import __version__
 from ..imaging.masks import build_palette
 from .batcher import DeadlineExceeded, Draining, NotReady, QueueFull
 from .engine import MAX_LABELS, Engine, PromptSet, RequestProblem, prompt_set_id

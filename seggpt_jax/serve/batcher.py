@@ -36,6 +36,8 @@ import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any, Generic, TypeVar
 
+from ..config import check_count
+
 K = TypeVar("K", bound=Hashable)  # compile key
 P = TypeVar("P")  # one item's inputs
 R = TypeVar("R")  # one item's result
@@ -69,8 +71,7 @@ def bucket_sizes(max_size: int) -> tuple[int, ...]:
     """The batch sizes compiled for up to ``max_size`` items: powers of two below it, and itself
     (``10 -> (1, 2, 4, 8, 10)``); a batch is padded to the nearest one, so at most half of it is padding
     and there are ``log2(max_size) + 1`` programs."""
-    if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1:
-        raise ValueError(f"max_size must be a positive integer, got {max_size!r}")
+    check_count("max_size", max_size)
     sizes = {1 << i for i in range(max_size.bit_length()) if 1 << i < max_size}
     return tuple(sorted(sizes | {max_size}))
 
@@ -134,8 +135,7 @@ class Batcher(Generic[K, P, R]):
                  device: concurrent.futures.Executor | None = None):
         if not batch_wait_timeout_s >= 0:
             raise ValueError(f"batch_wait_timeout_s must be >= 0, got {batch_wait_timeout_s!r}")
-        if isinstance(max_queue_size, bool) or not isinstance(max_queue_size, int) or max_queue_size < 1:
-            raise ValueError(f"max_queue_size must be a positive integer, got {max_queue_size!r}")
+        check_count("max_queue_size", max_queue_size)
         self._run_batch = run_batch
         self._max = max_batch_size if callable(max_batch_size) else (lambda key: max_batch_size)
         self._sizes = batch_sizes or (lambda key: bucket_sizes(self._max(key)))

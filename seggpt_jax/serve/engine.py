@@ -29,10 +29,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..config import check_count
 from ..imaging.decode import InputError
 from ..imaging.masks import ColourMap
 from ..imaging.media import mask_image
 from ..inference.prompts import PreparedPrompt, Prompt
+from ..inference.segmenter import default_batch_size
 from .batcher import Batcher, BatchObserver, bucket_sizes
 
 logger = logging.getLogger(__name__)
@@ -88,9 +90,7 @@ class ServeSettings:
 
     def __post_init__(self):
         for name in ("max_queue", "max_prompts", "decode_threads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_count(name, getattr(self, name))
         if self.max_batch is not None and (isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int)
                                            or self.max_batch < 1):
             raise ValueError(f"max_batch must be a positive integer, got {self.max_batch!r}")
@@ -104,13 +104,10 @@ class ServeSettings:
 def platform_defaults(backend: str) -> tuple[int, float]:
     """``(max_batch rows, max_wait_ms)`` for a JAX backend.
 
-    CPU: one query per forward and no waiting. Batch 1 is the fastest per image there (ViT-L, 2-core
-    x86: 0.20 images/s at batch 1 against 0.16 at batch 4; :data:`seggpt_jax.inference.segmenter.DEFAULT_BATCH_SIZE`),
-    so batching would only add latency. Accelerators: the Segmenter's 32 rows and 5 ms, which are not
+    CPU: one query per forward and no waiting. Batch 1 is the fastest per image there
+    (:data:`seggpt_jax.inference.segmenter.DEFAULT_BATCH_SIZE`), so batching would only add latency. Accelerators: the Segmenter's 32 rows and 5 ms, which are not
     measured here (no GPU or TPU was available): tune them with ``benchmarks/serve_load.py``.
     """
-    from ..inference.segmenter import default_batch_size
-
     return default_batch_size(backend), (0.0 if backend == "cpu" else 5.0)
 
 

@@ -32,9 +32,14 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
-from .engine import ServeSettings
+from ..imaging.media import mask_image
+from ..inference.segmenter import Segmenter
+from ..train.prompt_tuning import LearnedPrompt
+from .app import create_app
+from .engine import Engine, RequestProblem, ServeSettings, decode_image
 
 #: Seconds a client rejected by Ray's queue is told to wait (``Retry-After``).
 RETRY_AFTER_S = 1.0
@@ -44,12 +49,8 @@ def _load_segmenter(settings: ServeSettings, *, dtype: str = "float32", devices:
                     compilation_cache: Any = True):
     """The replica's Segmenter (on the device thread): the library's defaults in float32, so answers
     equal ``Segmenter.from_pretrained(model)``'s."""
-    from ..inference.segmenter import Segmenter
-
     options = {}
     if dtype != "float32":
-        import jax.numpy as jnp
-
         options["dtype"] = jnp.dtype(dtype)
     return Segmenter.from_pretrained(settings.model, ensemble_mode=settings.ensemble_mode, devices=devices,
                                      compilation_cache=compilation_cache, **options)
@@ -63,15 +64,11 @@ class SegGptServer:
 
     def __init__(self, settings: dict, dtype: str = "float32", devices: Any = None,
                  compilation_cache: Any = True):
-        from .engine import Engine
-
         self.settings = ServeSettings(**settings)
         self.engine = Engine(self.settings, lambda: _load_segmenter(
             self.settings, dtype=dtype, devices=devices, compilation_cache=compilation_cache))
 
     def __serve_build_asgi_app__(self):
-        from .app import create_app
-
         return create_app(self.engine)
 
     def check_health(self) -> None:
@@ -162,17 +159,13 @@ class Predictor:
     def __init__(self, model: Any, prompts: Any, *, num_labels: int | None = None, colour_map: Any = None,
                  batch_size: int | None = None, devices: Any = None, ensemble_mode: str = "transformers",
                  embedding_type: str | None = None, dtype: str = "float32"):
-        from ..inference.segmenter import Segmenter
-
         if isinstance(model, Segmenter):
             self.segmenter = model
         else:
-            options = {"dtype": __import__("jax.numpy").numpy.dtype(dtype)} if dtype != "float32" else {}
+            options = {"dtype": jnp.dtype(dtype)} if dtype != "float32" else {}
             self.segmenter = Segmenter.from_pretrained(model, batch_size=batch_size, ensemble_mode=ensemble_mode,
                                                        devices=devices, **options)
         if isinstance(prompts, (str, os.PathLike)) and os.fspath(prompts).endswith(".safetensors"):
-            from ..train.prompt_tuning import LearnedPrompt
-
             learned = LearnedPrompt.load(prompts)
             learned.check_model(self.segmenter.model.config)
             learned.check_mode(num_labels)
@@ -181,9 +174,6 @@ class Predictor:
         self.prompts = self.segmenter.prepare_prompts(prompts, num_labels=num_labels, colour_map=colour_map)
 
     def __call__(self, batch: Mapping[str, Sequence[Any]]) -> dict[str, np.ndarray]:
-        from ..imaging.media import mask_image
-        from .engine import RequestProblem, decode_image
-
         if "bytes" not in batch and "path" not in batch:
             raise ValueError(f"Predictor needs a 'bytes' or 'path' column, got {sorted(batch)}")
         sources = [str(p) for p in batch["path"]] if "path" in batch else [None] * len(batch["bytes"])

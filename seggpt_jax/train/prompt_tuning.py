@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -36,11 +35,12 @@ import numpy as np
 import optax
 from flax import nnx
 
+from .. import parallel as _parallel
+from ..nn.inputs import default_embedding_type
 from ..data import Augment, Dataset, Prefetcher, resize_valid
-from ..nn.models import painter_loss_terms
 from ..weights.readers import CheckpointError, SafetensorsReader
-from .state import load_tree, save_tree
-from ..imaging.processor import SegGptImageProcessor
+from .state import LossLog, due, load_tree, save_tree
+from ..imaging.processor import as_processor
 
 FORMAT = "seggpt-jax-learned-prompt/1"
 
@@ -152,10 +152,12 @@ class QueryBatches:
     ``batches(step, rows)``: only those rows (each row has its own generator, seeded by ``(seed, step,
     row)``, so a process of a multi-host job loads only its rows of the same batch)."""
 
-    def __init__(self, dataset: Dataset, query_size: tuple[int, int], *, batch_size: int, seed: int,
+    def __init__(self, dataset: Dataset, model: Any, *, batch_size: int, seed: int,
                  augment: Augment | None = Augment(scale=(0.6, 1.0), jitter=0.1)):
+        """``model``: the frozen model (its processor), or a processor, config or ``(height, width)``
+        (:func:`~seggpt_jax.imaging.processor.as_processor`)."""
         self.dataset, self.batch_size, self.seed, self.augment = dataset, batch_size, seed, augment
-        self.processor = SegGptImageProcessor(size=query_size)
+        self.processor = as_processor(model)
 
     def model_inputs(self, image: np.ndarray, labels: np.ndarray):
         """(query pixels, painted mask, valid ``[1, h, w]``) at the model's input size."""
@@ -177,8 +179,10 @@ class QueryBatches:
                 "valid": np.stack([r[2] for r in out])}
 
 
-def initial_prompt(dataset: Dataset, model_config, config: PromptTuningConfig) -> LearnedPrompt:
-    size = model_config.query_size
+def initial_prompt(dataset: Dataset, model: Any, config: PromptTuningConfig) -> LearnedPrompt:
+    """The starting prompt: noise, or the first examples of ``dataset`` through ``model``'s processor
+    (``model`` may also be a config: the default processing)."""
+    size = (model.config if hasattr(model, "config") else model).query_size
     if config.init == "noise":
         rng = np.random.default_rng(config.seed)
         shape = (config.num_prompts, 3, *size)
@@ -186,7 +190,7 @@ def initial_prompt(dataset: Dataset, model_config, config: PromptTuningConfig) -
                              rng.standard_normal(shape, dtype=np.float32) * 0.5, {"init": "noise"})
     if len(dataset) < config.num_prompts:
         raise ValueError(f"init='examples' needs {config.num_prompts} samples; the dataset has {len(dataset)}")
-    batches = QueryBatches(dataset, size, batch_size=1, seed=config.seed, augment=None)
+    batches = QueryBatches(dataset, model, batch_size=1, seed=config.seed, augment=None)
     images, masks = [], []
     for index in range(config.num_prompts):
         image, labels = dataset.load(dataset[index])
@@ -208,10 +212,8 @@ def prompt_loss(model, prompt: dict, batch: dict, *, instance: bool) -> jax.Arra
     flags = jnp.zeros((queries * count, n), bool).at[:, n // 2:].set(True)
     out = model(repeat(batch["pixel_values"]), tile(images), tile(masks), bool_masked_pos=flags,
                 labels=repeat(batch["labels"]), feature_ensemble=count > 1, prompts_per_query=count,
-                embedding_type=jnp.full((queries * count,), instance))
-    total, pixels = painter_loss_terms(model.config, out.pred_masks, tile(masks), repeat(batch["labels"]), flags,
-                                       repeat(batch["valid"]))
-    return total / pixels
+                embedding_type=jnp.full((queries * count,), instance), valid=repeat(batch["valid"]))
+    return out.loss
 
 
 def tune_prompt(model, dataset: Dataset, config: PromptTuningConfig = PromptTuningConfig(), *,
@@ -229,15 +231,13 @@ def tune_prompt(model, dataset: Dataset, config: PromptTuningConfig = PromptTuni
     place. Under ``jax.distributed`` each process loads its own rows of each batch, and process 0
     alone writes the checkpoints and calls ``log``.
     """
-    from .. import parallel as _parallel
-
     data_parallel = _parallel.DataParallel(devices)
     if config.batch_size % data_parallel.size:
         raise ValueError(f"batch_size {config.batch_size} does not divide over {data_parallel.describe()}")
     data_parallel.place(model)
     main = jax.process_index() == 0
-    instance = (config.embedding_type or ("instance" if dataset.num_labels is None else "semantic")) == "instance"
-    prompt = start or initial_prompt(dataset, model.config, config)
+    instance = (config.embedding_type or default_embedding_type(dataset.num_labels)) == "instance"
+    prompt = start or initial_prompt(dataset, model, config)
     prompt.check_model(model.config)
     params = {"image": jnp.asarray(prompt.prompt_pixel_values), "mask": jnp.asarray(prompt.prompt_masks)}
     tx = optax.adam(config.learning_rate)
@@ -256,9 +256,9 @@ def tune_prompt(model, dataset: Dataset, config: PromptTuningConfig = PromptTuni
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    batches = QueryBatches(dataset, model.config.query_size, batch_size=config.batch_size, seed=config.seed,
+    batches = QueryBatches(dataset, model, batch_size=config.batch_size, seed=config.seed,
                            **({} if config.augment else {"augment": None}))
-    losses, start_time = [], time.perf_counter()
+    losses = LossLog(config.log_every, config.steps)
     meta = dict(prompt.metadata, num_labels=dataset.num_labels, embedding_type="instance" if instance else "semantic",
                 tune=config.tune, learning_rate=config.learning_rate)
     processes = data_parallel.processes
@@ -267,13 +267,11 @@ def tune_prompt(model, dataset: Dataset, config: PromptTuningConfig = PromptTuni
     for index, batch in enumerate(Prefetcher(lambda s: batches(s, rows), start_step, config.steps)):
         with data_parallel.context():
             params, opt_state, loss = step(params, opt_state, state, data_parallel.shard(**batch))
-        losses.append(loss)
         done = start_step + index + 1
-        if log is not None and main and (done % config.log_every == 0 or done == config.steps):
-            log({"step": done, "loss": float(np.mean([float(v) for v in losses])),
-                 "seconds": round(time.perf_counter() - start_time, 3)})
-            losses = []
-        if checkpoint and (done % config.checkpoint_every == 0 or done == config.steps):
+        record = losses.add(done, loss)
+        if log is not None and main and record is not None:
+            log(record)
+        if checkpoint and due(done, config.checkpoint_every, config.steps):
             host_params, host_state = _parallel.host_state(params), _parallel.host_state(opt_state)
             if main:
                 _save_state(checkpoint, host_params, host_state, dict(meta, steps=done), config, output)

@@ -5,46 +5,39 @@
   (``opt_state.0.mu.model.encoder.layers.3.attention.qkv.kernel.value``). Loading matches keys
   against a template of the same structure, so a changed optimizer is reported by name, never read
   by position.
-* :func:`write_folder` fills a staging folder and swaps it in; with the run's ``latest`` pointer
+* checkpoints are folders written whole (:func:`seggpt_jax.files.replace_folder`); with the run's ``latest`` pointer
   written only after a checkpoint is complete (:func:`point_latest`), an interrupted save never costs
   the previous checkpoint.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
-from collections.abc import Callable
+import time
 from typing import Any
 
 import jax
 import numpy as np
 
-from ..files import atomic_save, replace_folder as write_folder, text_writer, write_json  # noqa: F401 (re-exported)
-from ..weights import read_safetensors
+from ..files import atomic_save, text_writer
+from ..weights import path_key, read_safetensors, write_safetensors
 
 LATEST = "latest"
-
-
-def _key(path: tuple) -> str:
-    return ".".join(str(getattr(part, "key", getattr(part, "idx", getattr(part, "name", part)))) for part in path)
 
 
 def tree_arrays(tree: Any) -> dict[str, np.ndarray]:
     """``{path: host array}`` for every leaf of ``tree``."""
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {_key(path): np.asarray(jax.device_get(leaf)) for path, leaf in leaves}
+    return {path_key(path): np.asarray(jax.device_get(leaf)) for path, leaf in leaves}
 
 
 def save_tree(path: str, tree: Any, metadata: dict[str, str] | None = None, *, output=None) -> None:
     """Write ``tree``'s arrays keyed by path (atomically) with string ``metadata`` in the header;
     through ``output`` (an :class:`~seggpt_jax.files.OutputFolder` holding ``path``) when given, so that
     the file is recorded as the tool's and never replaces someone else's."""
-    from safetensors.numpy import save_file
-
     arrays = tree_arrays(tree)
-    save_output(path, lambda tmp: save_file(arrays, tmp, metadata=metadata), output)
+    save_output(path, lambda tmp: write_safetensors(tmp, arrays, metadata or {}), output)
 
 
 def save_output(path: str, write, output=None) -> None:
@@ -60,7 +53,7 @@ def load_tree(path: str, template: Any) -> tuple[Any, dict[str, str]]:
     """The tree saved at ``path``, with ``template``'s structure (and dtypes), and the file's metadata."""
     arrays, metadata = read_safetensors(path)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
-    expected = {_key(p): leaf for p, leaf in leaves}
+    expected = {path_key(p): leaf for p, leaf in leaves}
     missing = sorted(set(expected) - set(arrays))
     unexpected = sorted(set(arrays) - set(expected))
     wrong = [f"{k}: file {arrays[k].shape}, expected {tuple(np.shape(expected[k]))}" for k in expected
@@ -70,7 +63,7 @@ def load_tree(path: str, template: Any) -> tuple[Any, dict[str, str]]:
                     for title, items in (("missing", missing), ("unexpected", unexpected), ("shapes", wrong)) if items]
         raise ValueError(f"{path} does not match this state (was the optimizer or the trainable set changed?): "
                          + "; ".join(problems))
-    values = [np.asarray(arrays[_key(p)]).astype(np.asarray(leaf).dtype) for p, leaf in leaves]
+    values = [np.asarray(arrays[path_key(p)]).astype(np.asarray(leaf).dtype) for p, leaf in leaves]
     return jax.tree_util.tree_unflatten(treedef, values), metadata
 
 
@@ -105,7 +98,7 @@ def resolve_checkpoint(path: str) -> str:
     """A checkpoint folder from itself, a run folder (through its ``latest``), or the ``latest`` file.
 
     If the folder is missing because a save of the same name was interrupted between moving it aside
-    and moving its successor in (:func:`write_folder`), the folder moved aside is used.
+    and moving its successor in (:func:`seggpt_jax.files.replace_folder`), the folder moved aside is used.
     """
     if os.path.basename(os.path.normpath(path)) == LATEST and os.path.isfile(path):
         path = os.path.dirname(os.path.abspath(path))
@@ -120,3 +113,30 @@ def resolve_checkpoint(path: str) -> str:
         if aside:
             return os.path.join(parent, aside[-1])
     return path
+
+
+# ------------------------------------------------------------------------------------ the loop's bookkeeping
+def due(step: int, every: int, end: int) -> bool:
+    """Whether step ``step`` (counted from 1) is one of every ``every``, or the last (``end``)."""
+    return step % every == 0 or step == end
+
+
+class LossLog:
+    """The losses of a training loop since its last record, and the record every ``every`` steps and at
+    ``end``: ``{"step", "loss" (the mean since the last record), "seconds" (since the loop began)}``. One
+    bookkeeping for fine-tuning and prompt tuning."""
+
+    def __init__(self, every: int, end: int):
+        self.every, self.end = every, end
+        self._losses: list = []
+        self._start = time.perf_counter()
+
+    def add(self, step: int, loss) -> dict | None:
+        """Note step ``step``'s loss (a device scalar: read only when a record is due); the record, if due."""
+        self._losses.append(loss)
+        if not due(step, self.every, self.end):
+            return None
+        record = {"step": step, "loss": float(np.mean([float(v) for v in self._losses])),
+                  "seconds": round(time.perf_counter() - self._start, 3)}
+        self._losses = []
+        return record

@@ -11,7 +11,7 @@ half as at inference) and the smooth-L1 painter loss is taken over the masked, v
     >>> model = SegGptForImageSegmentation.from_pretrained("BAAI/seggpt-vit-large")
     >>> data = FolderDataset("examples", images="queries", masks="ground_truth").validate()
     >>> config = TrainConfig(steps=2, batch_size=2, warmup_steps=1)  # ~2000 steps for a real task
-    >>> trainer = Trainer(model, config, batches=EpisodeBatches(data, model.config, batch_size=2))
+    >>> trainer = Trainer(model, config, batches=EpisodeBatches(data, model, batch_size=2))
     >>> run = tempfile.mkdtemp()
     >>> history = trainer.fit(checkpoint_dir=run)   # checkpoints in run/step_N, run/latest names the last
     >>> Trainer.restore(run).step_count             # resumes exactly where it stopped
@@ -35,8 +35,8 @@ import json
 import logging
 import os
 import re
-import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,14 +45,17 @@ import optax
 from flax import nnx
 
 from ..config import SegGptConfig
-from ..runtime import RuntimeConfig
+from ..runtime import COMPUTE_DTYPES, RuntimeConfig
 from ..data import Augment, Dataset, Prefetcher, resize_valid
-from ..nn.models import SegGptForImageSegmentation, painter_loss_terms
-from ..imaging.processor import SegGptImageProcessor
-from ..files import OutputFolder
+from ..models import SegGptForImageSegmentation
+from ..nn.inputs import default_embedding_type
+from ..nn.models import painter_loss_terms
+from ..weights import path_key
+from ..imaging.processor import as_processor
+from ..files import OutputFolder, replace_folder, write_json
 from .. import parallel as _parallel
 from ..parallel import DataParallel
-from .state import load_tree, point_latest, prune_checkpoints, resolve_checkpoint, save_tree, write_folder, write_json
+from .state import LossLog, due, load_tree, point_latest, prune_checkpoints, resolve_checkpoint, save_tree
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +93,7 @@ class TrainConfig:
                                                                          "half_mask_prob must be in [0, 1]"),
             (self.grad_accum >= 1 and self.batch_size % self.grad_accum == 0,
              "grad_accum must divide batch_size"),
-            (self.dtype in ("float32", "bfloat16"), "dtype must be float32 or bfloat16"),
+            (self.dtype in COMPUTE_DTYPES, f"dtype must be one of {COMPUTE_DTYPES}"),
             (self.layer_decay is None or 0 < self.layer_decay <= 1, "layer_decay must be in (0, 1]"),
         ]
         bad = [message for ok, message in checks if not ok]
@@ -109,23 +112,19 @@ class TrainConfig:
 
 
 # ------------------------------------------------------------------------------------ parameters
-def _path(path: tuple) -> str:
-    return ".".join(str(p) for p in path)
-
-
 def trainable_filter(spec: str):
     """An NNX filter over parameters: ``"all"``, ``"decoder"``, or a regex searched in the dotted path."""
     if spec == "all":
         return nnx.Param
     pattern = re.compile(r"^decoder\." if spec == "decoder" else spec)
-    return nnx.All(nnx.Param, lambda path, value: bool(pattern.search(_path(path))))
+    return nnx.All(nnx.Param, lambda path, value: bool(pattern.search(path_key(path))))
 
 
 def check_trainable(config: SegGptConfig, spec: str) -> int:
     """The number of parameter arrays ``spec`` selects in a model of ``config``; a ``ValueError`` that
     shows the parameter paths it could have matched when it selects none."""
     abstract = nnx.eval_shape(lambda: _build(config))
-    paths = [_path(path) for path, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param))]
+    paths = [path_key(path) for path, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param))]
     selected = [p for p, _ in nnx.to_flat_state(nnx.state(abstract, trainable_filter(spec)))]
     if not selected:
         layer = re.compile(r"\.layers\.(\d+)\.")
@@ -167,8 +166,7 @@ def make_optimizer(model: nnx.Module, config: TrainConfig) -> nnx.Optimizer:
                                                alpha=config.min_learning_rate / config.learning_rate)
     wrt = trainable_filter(config.trainable)
     params = nnx.state(model, wrt)
-    names = jax.tree_util.tree_map_with_path(lambda path, _: ".".join(str(getattr(k, "key", getattr(k, "idx", k)))
-                                                                      for k in path), nnx.as_pure(params))
+    names = jax.tree_util.tree_map_with_path(lambda path, _: path_key(path), nnx.as_pure(params))
     decay_mask = jax.tree.map(lambda name: not _no_decay(name), names)
     chain = []
     if config.grad_clip:
@@ -207,16 +205,20 @@ class EpisodeBatches:
 
     Each row takes two different samples of one group (prompt and query), augments each, paints their
     masks (binary: white foreground; class ids: the SegGPT palette) and draws the patch mask.
+
+    ``model`` is the model to train (its config and its processor, :func:`~seggpt_jax.imaging.processor.processor_for`),
+    or a :class:`SegGptConfig` (the default processing at its size).
     """
 
-    def __init__(self, dataset: Dataset, model_config: SegGptConfig, *, batch_size: int = 8, seed: int = 0,
+    def __init__(self, dataset: Dataset, model: Any, *, batch_size: int = 8, seed: int = 0,
                  augment: Augment | None = Augment(), mask_ratio: float = 0.75, half_mask_prob: float = 0.0,
                  embedding_type: str | None = None):
+        model_config = model.config if hasattr(model, "config") else model
         self.dataset, self.config = dataset, model_config
         self.batch_size, self.seed, self.augment = batch_size, seed, augment
         self.mask_ratio, self.half_mask_prob = mask_ratio, half_mask_prob
-        self.instance = (embedding_type or ("instance" if dataset.num_labels is None else "semantic")) == "instance"
-        self.processor = SegGptImageProcessor(size=model_config.query_size)
+        self.instance = (embedding_type or default_embedding_type(dataset.num_labels)) == "instance"
+        self.processor = as_processor(model)
         self._groups = [members for _, members in sorted(dataset.groups().items())]
 
     def __call__(self, step: int, rows: range | None = None) -> dict[str, np.ndarray]:
@@ -257,7 +259,7 @@ def training_view(model: nnx.Module, config: TrainConfig) -> nnx.Module:
     """The model with ``config``'s training settings (compute dtype, remat policy), over the caller's
     parameter Variables: training it updates the caller's parameters (as ``nnx.Optimizer`` does);
     the caller's settings never change."""
-    settings = {"dtype": jnp.bfloat16} if config.dtype == "bfloat16" else {}
+    settings = {"dtype": config.dtype}
     if config.remat_policy is not None:
         settings["runtime"] = dataclasses.replace(model.settings.runtime, remat_policy=config.remat_policy)
     return model.with_settings(shared=True, **settings)
@@ -267,9 +269,8 @@ def batch_loss_terms(model, batch: dict, dropout_rng=None) -> tuple[jax.Array, j
     """(numerator, count) of the painter loss of ``model`` on one batch."""
     out = model(batch["pixel_values"], batch["prompt_pixel_values"], batch["prompt_masks"],
                 bool_masked_pos=batch["bool_masked_pos"], labels=batch["labels"], embedding_type=batch["is_instance"],
-                dropout_rng=dropout_rng)
-    return painter_loss_terms(model.config, out.pred_masks, batch["prompt_masks"], batch["labels"],
-                              batch["bool_masked_pos"], batch.get("valid"))
+                dropout_rng=dropout_rng, valid=batch.get("valid"))
+    return out.loss_terms
 
 
 def _make_step(graphdef, wrt, accum: int, drop_path: bool):
@@ -397,22 +398,19 @@ class Trainer:
             raise ValueError(f"keep_checkpoints must be a positive integer or None, got {keep_checkpoints!r}")
         run = OutputFolder(checkpoint_dir) if checkpoint_dir else None
         end = self.config.steps if stop_after is None else min(self.config.steps, self.step_count + stop_after)
-        start_time, losses = time.perf_counter(), []
+        losses = LossLog(self.config.log_every, end)
         main = _process_index() == 0  # under jax.distributed only process 0 logs and writes
         for batch in Prefetcher(self.local_batch, self.step_count, end):
             loss = self.train_step(batch)
-            losses.append(loss)
             step = self.step_count
-            if step % self.config.log_every == 0 or step == end:
-                record = {"step": step, "loss": float(np.mean([float(v) for v in losses])),
-                          "seconds": round(time.perf_counter() - start_time, 3)}
-                losses = []
-                if evaluate is not None and eval_every and (step % eval_every == 0 or step == end):
+            record = losses.add(step, loss)
+            if record is not None:
+                if evaluate is not None and eval_every and due(step, eval_every, end):
                     record.update(evaluate())
                 self.history.append(record)
                 if log is not None and main:
                     log(record)
-            if run is not None and (step % self.config.checkpoint_every == 0 or step == end):
+            if run is not None and due(step, self.config.checkpoint_every, end):
                 name = f"step_{step:07d}"
                 self.save(os.path.join(checkpoint_dir, name), output=run)
                 if main:
@@ -462,7 +460,7 @@ class Trainer:
     @staticmethod
     def _write_checkpoint(directory: str, fill, output) -> None:
         if output is None:
-            write_folder(directory, fill)
+            replace_folder(directory, fill)
         else:
             output.write_folder(os.path.basename(os.path.normpath(directory)), fill, replace=True)
 
@@ -537,8 +535,6 @@ def abstract_batch(config: SegGptConfig, batch_size: int) -> dict[str, jax.Shape
 def compile_step(config: SegGptConfig, train: TrainConfig, runtime: RuntimeConfig | None = None):
     """The :class:`Trainer`'s step for ``config`` and ``train``, compiled for abstract parameters and an
     abstract batch of ``train.batch_size``: ``jax.stages.Compiled`` (``.memory_analysis()``, ``.cost_analysis()``)."""
-    from ..nn.models import SegGptForImageSegmentation
-
     def build() -> tuple[nnx.Module, nnx.Optimizer]:
         model = training_view(SegGptForImageSegmentation(config, runtime=runtime, rngs=nnx.Rngs(0)), train)
         return model, make_optimizer(model, train)
@@ -553,8 +549,8 @@ def estimate_memory(config: SegGptConfig, batch_size: int, *, remat_policy: str 
     """The memory a :class:`Trainer` step needs, from the compiled step alone (nothing is allocated or run).
 
     ``train`` gives the rest of the training setup (dtype, trainable parameters, grad accumulation,
-    its remat policy); ``batch_size``, and ``remat_policy`` when given, override its own. ViT-L takes
-    30-90 s to compile on 2 CPU cores and about 1.5 GB of memory.
+    its remat policy); ``batch_size``, and ``remat_policy`` when given, override its own. Compiling a
+    ViT-L step takes tens of seconds on a CPU.
 
         >>> from seggpt_jax import SegGptConfig
         >>> from seggpt_jax.train import estimate_memory

@@ -24,9 +24,10 @@ from flax import nnx
 
 from ..files import atomic_save
 from ..config import ConfigError, SegGptConfig
-from . import hub
+from .. import hub
+from ..version import __version__
 from .readers import CheckpointError, TensorReader, open_weights
-from .tables import NATIVE, NATIVE_METADATA_KEY, TABLES, TRANSFORMERS, Table, Transform, detect_format
+from .tables import IDENTITY, NATIVE, NATIVE_METADATA_KEY, TABLES, TRANSFORMERS, Table, Transform, detect_format
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +38,18 @@ LAYOUT_VERSION = "1"
 _MAX_LISTED = 40
 
 
+def path_key(path: tuple) -> str:
+    """The one spelling of a parameter's (or any pytree leaf's) path: dotted, ``model.encoder.layers.0.
+    attention.qkv.kernel``, from an NNX path (names and indices) or a ``jax.tree_util`` key path
+    (``DictKey``, ``SequenceKey``, ``GetAttrKey``). Checkpoints, optimizer states, trainable patterns
+    and exports all key by it."""
+    return ".".join(str(getattr(part, "key", getattr(part, "idx", getattr(part, "name", part)))) for part in path)
+
+
 def flat_parameters(model: nnx.Module) -> dict[str, Any]:
     """``{"model.encoder.layers.0.attention.qkv.kernel": value, ...}`` for a model or its abstract twin."""
     _, state = nnx.split(model)
-    return {".".join(str(part) for part in path): var for path, var in nnx.to_flat_state(state)}
+    return {path_key(path): var for path, var in nnx.to_flat_state(state)}
 
 
 def _path_prefix(cls: type) -> str:
@@ -139,8 +148,9 @@ def load_pretrained(cls: type, name_or_path: str | os.PathLike, *, revision: str
                     cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
                     token: str | bool | None = None, config: SegGptConfig | None = None,
                     dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, precision: Any = None,
-                    runtime: Any = None, layout: str | None = None):
-    """See :meth:`seggpt_jax.SegGptForImageSegmentation.from_pretrained`."""
+                    runtime: Any = None, layout: str | None = None, model_kwargs: dict[str, Any] | None = None):
+    """See :meth:`seggpt_jax.SegGptForImageSegmentation.from_pretrained` (``cls`` is built with
+    ``model_kwargs`` besides the config and settings)."""
     resolved = hub.resolve(name_or_path, revision=revision, cache_dir=cache_dir,
                                local_files_only=local_files_only, token=token)
     with open_weights(resolved.weights) as reader:
@@ -160,13 +170,13 @@ def load_pretrained(cls: type, name_or_path: str | os.PathLike, *, revision: str
                                       f"(first keys: {keys[:8]}); expected transformers, original BAAI or "
                                       f"seggpt-jax names")
         abstract_model = nnx.eval_shape(lambda: cls(cfg, dtype=dtype, param_dtype=param_dtype, precision=precision,
-                                                    runtime=runtime, rngs=nnx.Rngs(0)))
+                                                    runtime=runtime, rngs=nnx.Rngs(0), **(model_kwargs or {})))
         graphdef, abstract_state = nnx.split(abstract_model)
         flat_abstract = nnx.to_flat_state(abstract_state)
-        abstract = {".".join(str(p) for p in path): var for path, var in flat_abstract}
+        abstract = {path_key(path): var for path, var in flat_abstract}
         filled = fill_parameters(reader, table, abstract, prefix=_path_prefix(cls), param_dtype=jnp.dtype(param_dtype),
                                  model_name=f"{cls.__name__} built from {cfg_source}")
-    leaves = [(path, var.replace(filled[".".join(str(p) for p in path)])) for path, var in flat_abstract]
+    leaves = [(path, var.replace(filled[path_key(path)])) for path, var in flat_abstract]
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
@@ -187,14 +197,10 @@ def save_pretrained(model: nnx.Module, directory: str | os.PathLike, layout: str
 
     Every key comes from the model's own parameters through the layout's table run backwards
     (:meth:`~seggpt_jax.weights.tables.Table.source_for`), never from a transformers model.
-    Tensors are brought to the host, transposed and written one at a time, so saving needs at most
-    the largest tensor beyond the model itself. Measured on ViT-L (1.48 GB of float32 on CPU; ``python
-    benchmarks/weights_memory.py``), peak RSS rise: ours +0.00 GB, transformers and original +0.27 GB
-    (``decoder_embed``, transposed); ``safetensors.numpy.save_file`` of the transposed arrays would
-    need +1.46 GB, which is why this writes the (simple) format itself.
+    Tensors are brought to the host, transposed and written one at a time (:func:`write_safetensors`),
+    so saving needs at most the largest tensor beyond the model itself (``python -m
+    benchmarks.weights_memory`` measures it, ``benchmarks/RESULTS.md``).
     """
-    from .. import __version__
-
     if layout not in TABLES:
         raise ValueError(f"layout must be one of {sorted(TABLES)}, got {layout!r}")
     table = TABLES[layout]
@@ -232,7 +238,7 @@ def save_pretrained(model: nnx.Module, directory: str | os.PathLike, layout: str
         files = {ORIGINAL_WEIGHTS_NAME: {"format": "pt", "config": json.dumps(config.to_dict(), sort_keys=True)}}
         extra = None  # the BAAI layout has no config.json
     for name, metadata in files.items():
-        atomic_save(os.path.join(directory, name), lambda tmp: _write_safetensors(tmp, tensors, metadata))
+        atomic_save(os.path.join(directory, name), lambda tmp: write_safetensors(tmp, tensors, metadata))
     if extra is not None:
         config.to_json_file(os.path.join(directory, hub.CONFIG_NAME), **extra)
     others = sorted(set(os.listdir(directory)) & (set(hub.WEIGHT_NAMES) | set(hub.ORIGINAL_NAMES)) - set(files))
@@ -242,13 +248,19 @@ def save_pretrained(model: nnx.Module, directory: str | os.PathLike, layout: str
                        list(hub.WEIGHT_NAMES))
 
 
-# safetensors dtype codes of the parameter dtypes we write.
-_SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+# safetensors dtype codes of the dtypes we write (parameters, and optimizer states' counters).
+_SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+                       "int32": "I32", "int16": "I16", "int8": "I8", "uint64": "U64", "uint32": "U32", "uint16": "U16",
+                       "uint8": "U8", "bool": "BOOL"}
 
 
-def _write_safetensors(path: str, tensors: dict[str, tuple[jax.Array, Transform]], metadata: dict[str, str]) -> None:
-    """The safetensors format (8-byte little-endian header size, JSON header padded to 8 bytes, raw
-    little-endian data), each tensor brought to the host, put in the source layout and written in turn."""
+def write_safetensors(path: str, tensors: dict[str, Any], metadata: dict[str, str]) -> None:
+    """The one safetensors writer of the package: the format (8-byte little-endian header size, JSON header
+    padded to 8 bytes, raw little-endian data), each tensor brought to the host, put in its file layout
+    and written in turn, so that writing holds one tensor beyond the arrays themselves. ``tensors`` maps
+    each key to an array, or to ``(array, transform)`` (:class:`~seggpt_jax.weights.tables.Transform`,
+    from our layout to the file's)."""
+    tensors = {key: value if isinstance(value, tuple) else (value, IDENTITY) for key, value in tensors.items()}
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
     for key, (array, transform) in tensors.items():
@@ -268,8 +280,10 @@ def _write_safetensors(path: str, tensors: dict[str, tuple[jax.Array, Transform]
         f.write(encoded)
         for array, transform in tensors.values():
             # device_put to the host: a copy of this one tensor from an accelerator, none for a CPU array.
-            data = np.ascontiguousarray(transform.invert(np.asarray(jax.device_put(array, host))))
+            host_array = array if isinstance(array, np.ndarray) else np.asarray(jax.device_put(array, host))
+            data = np.ascontiguousarray(transform.invert(host_array))
             f.write(data.reshape(-1).view(np.uint8))
 
 
-__all__ = ["CheckpointError", "fill_parameters", "flat_parameters", "load_pretrained", "save_pretrained"]
+__all__ = ["CheckpointError", "fill_parameters", "flat_parameters", "load_pretrained", "path_key", "save_pretrained",
+           "write_safetensors"]

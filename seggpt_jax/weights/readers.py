@@ -17,9 +17,7 @@ from typing import Any
 
 import numpy as np
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model; the message names the problem."""
+from ..hub import CheckpointError  # noqa: F401 (re-exported: defined at the bottom layer)
 
 
 class TensorReader:
@@ -51,17 +49,9 @@ class SafetensorsReader(TensorReader):
     """safetensors through the library's own reader, ``safe_open(path, "numpy", backend="pread")``.
 
     ``pread`` (safetensors >= 0.8) reads each tensor into its own array instead of memory-mapping the
-    file, so the file's pages are not mapped into the process while a model is filled. Measured on a
-    ViT-L checkpoint written by transformers (1.48 GB of float32), peak RSS rise / median wall time of
-    7 interleaved runs (``python benchmarks/weights_memory.py --readers pread mmap git:2d2866d``; 2 shared cores at
-    load average ~4.7, file in the page cache):
-
-    * library, ``pread``: ``from_pretrained`` +1.59 GB / 3.6 s; whole file +1.48 GB / 1.3 s;
-    * library, ``mmap`` (its default): ``from_pretrained`` +3.07 GB; whole file +2.96 GB;
-    * our positioned-read reader (this class until commit 2d2866d): +1.59 GB / 3.5 s; +1.48 GB / 3.4 s.
-
-    Ours did not beat the library's ``pread`` reader (same memory, times within the noise), so the
-    library reads every safetensors file.
+    file, so the file's pages are not mapped into the process while a model is filled: a load holds
+    one copy of the weights (``python -m benchmarks.weights_memory`` compares the readers,
+    ``benchmarks/RESULTS.md``).
     """
 
     def __init__(self, path: str):

@@ -14,7 +14,10 @@ import re
 import socket
 import urllib.parse
 
-from .readers import CheckpointError
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message names the problem."""
 
 CONFIG_NAME = "config.json"
 #: Weight files looked for in a directory or Hub repo, in order of preference.
