@@ -12,8 +12,6 @@ import json
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-
 
 def main() -> None:
     port, process_id, count, work = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
@@ -44,4 +42,5 @@ TUNE = ["--steps", "2", "--batch-size", "4", "--num-prompts", "2", "--lr", "0.01
 EVALUATE = ["--protocol", "fss1000", "--fss-split", "all", "--sampling", "all-pairs", "--seed", "1"]
 
 if __name__ == "__main__":
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"  # before JAX starts; not on import
     main()
