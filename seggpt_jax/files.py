@@ -13,12 +13,16 @@ masks, logs, reports, checkpoints).
   ours, however the run was stopped. A file is the tool's while it is unchanged since (same size,
   modification time and inode); anything else is the user's, and is never replaced or deleted.
   A rerun whose inputs are that folder skips the tool's own outputs (:func:`written_by_us`).
+  Several processes writing one folder at once (the shards of a cluster job, on a shared file system
+  where appends from two hosts may interleave) each keep their own record file,
+  ``.seggpt-jax-outputs.<writer>.jsonl``; every reader reads them all.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import json
 import os
 import shutil
@@ -263,16 +267,33 @@ class Record:
             return None  # a line cut short by a crash: whatever it named counts as not ours
 
 
+def manifest_name(writer: str | None = None) -> str:
+    """The record file of one writer (``None``: the default one)."""
+    if writer is None:
+        return MANIFEST
+    if not writer or os.sep in writer or writer.startswith(".") or not writer.isprintable():
+        raise ValueError(f"a record writer's name must be a plain file-name part, got {writer!r}")
+    return MANIFEST[:-len(".jsonl")] + f".{writer}.jsonl"
+
+
+def _manifests(folder: str) -> list[str]:
+    """Every record file of a folder: the default one, then the writers' (by name)."""
+    base = MANIFEST[:-len(".jsonl")]
+    others = sorted(glob.glob(os.path.join(glob.escape(folder), base + ".*.jsonl")))
+    return [os.path.join(folder, MANIFEST)] + others
+
+
 def _read_manifest(folder: str) -> dict[str, list[Record]]:
     records: dict[str, list[Record]] = {}
-    try:
-        with open(os.path.join(folder, MANIFEST), encoding="utf-8", errors="replace") as f:
-            for line in f:
-                record = Record.parse(line)
-                if record is not None:
-                    records.setdefault(record.name, []).append(record)
-    except (FileNotFoundError, NotADirectoryError):
-        pass
+    for path in _manifests(folder):
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    record = Record.parse(line)
+                    if record is not None:
+                        records.setdefault(record.name, []).append(record)
+        except (FileNotFoundError, NotADirectoryError):
+            pass
     return records
 
 
@@ -308,10 +329,14 @@ class OutputFolder:
         job: a fingerprint of what produces the outputs (model, prompts, options). Outputs recorded
             with another job, or from an input that changed since, are :data:`STALE`: replaced only
             with ``overwrite``, never taken as done.
+        writer: this process's own record file (``.seggpt-jax-outputs.<writer>.jsonl``) when several
+            processes write the folder at once; ``None``: the default record file. All are read.
     """
 
-    def __init__(self, path: str | os.PathLike, *, overwrite: bool = False, job: str | None = None):
+    def __init__(self, path: str | os.PathLike, *, overwrite: bool = False, job: str | None = None,
+                 writer: str | None = None):
         self.path = os.fspath(path)
+        self.manifest = manifest_name(writer)
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise OutputConflict(f"output folder {self.path} exists and is not a folder", ours=False)
         self.overwrite, self.job = overwrite, job
@@ -434,7 +459,7 @@ class OutputFolder:
         writers never interleave within a line)."""
         with self._lock:
             self.create()
-            manifest = os.path.join(self.path, MANIFEST)
+            manifest = os.path.join(self.path, self.manifest)
             fd = os.open(manifest, os.O_RDWR | os.O_CREAT | os.O_APPEND, new_file_mode())
             try:
                 data = record.line()

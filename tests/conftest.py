@@ -77,3 +77,12 @@ def moving_square_clip(frames: int, size: tuple[int, int], step: int, seed: int 
     mask = np.zeros((height, width), bool)
     mask[top:top + side, left:left + side] = True
     return clip, mask
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for loopback servers and coordinators)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
+from conftest import free_port
 
 WORKERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers")
 
@@ -30,14 +30,9 @@ def test_sharded_over_eight_devices_equals_one_device():
     assert not bad, bad
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_processes_segment_a_global_batch():
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, os.path.join(WORKERS, "distributed.py"), str(port), str(i), "2"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
              for i in range(2)]

@@ -85,9 +85,54 @@ def add_model_options(parser: argparse.ArgumentParser, *, inference: bool = True
     group = parser.add_argument_group("how the model runs")
     if inference:
         group.add_argument("--batch-size", type=positive_int, default=None,
-                           help="rows per forward (query x prompt pairs); default: the fastest per image for the "
-                                "device (1 on CPU, 32 on accelerators)")
+                           help="rows per forward (query x prompt pairs) on all devices together, rounded up to "
+                                "whole queries on every device; default: the fastest per image for the device (1 "
+                                "on CPU, 32 on accelerators) times the devices")
+    add_devices_option(group)
     add_compilation_cache_option(group)
+
+
+def add_devices_option(group) -> None:
+    group.add_argument("--devices", type=positive_int, default=None, metavar="N",
+                       help="run on the first N devices of this process (default: every device: data-parallel, "
+                            "the batch split over them)")
+
+
+def add_distributed_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("several hosts (jax.distributed)")
+    group.add_argument("--distributed", action="store_true",
+                       help="this process is one of a multi-host job (start the same command on every host): the "
+                            "coordinator, process count and id come from the three options below, or are detected "
+                            "on Cloud TPU pods, SLURM, Open MPI and Kubernetes JobSets")
+    group.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordination service")
+    group.add_argument("--num-processes", type=positive_int, metavar="N", help="processes in the job")
+    group.add_argument("--process-id", type=non_negative_int, metavar="I", help="this process's index, 0..N-1")
+
+
+def start_distributed(args: argparse.Namespace) -> None:
+    """``jax.distributed.initialize`` for ``--distributed`` (before anything touches a device)."""
+    given = [name for name in ("coordinator", "num_processes", "process_id") if getattr(args, name, None) is not None]
+    if not getattr(args, "distributed", False):
+        if given:
+            raise UserError(f"--{given[0].replace('_', '-')} belongs to a multi-host job: add --distributed")
+        return
+    if 0 < len(given) < 3 and "coordinator" in given:
+        missing = [f"--{n.replace('_', '-')}" for n in ("num_processes", "process_id") if n not in given]
+        raise UserError(f"--distributed --coordinator needs {' and '.join(missing)} too (or none of the three, "
+                        f"to detect the cluster)")
+    if args.num_processes is not None and args.process_id is not None and args.process_id >= args.num_processes:
+        raise UserError(f"--process-id {args.process_id} is not below --num-processes {args.num_processes}")
+    from .. import parallel
+
+    status("joining the multi-host job" + (f" at {args.coordinator}" if args.coordinator else "") + " ...")
+    try:
+        parallel.initialize(args.coordinator, args.num_processes, args.process_id)
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"--distributed: cannot join the job: {' '.join(str(e).split())[:300]}") from None
+    import jax
+
+    status(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local of "
+           f"{jax.device_count()} devices")
 
 
 def add_positional_model(parser: argparse.ArgumentParser, metavar: str, help_text: str) -> None:
@@ -317,9 +362,10 @@ def compile_ahead(args: argparse.Namespace, *, queries: int, prompts: int) -> Ca
 
     def run() -> None:
         try:
-            compile_forward(config, queries=queries, prompts=prompts, batch_size=batch,
-                            ensemble_mode=getattr(args, "ensemble_mode", None) or "transformers", processor=processor)
-            finished.append(time.perf_counter())
+            if compile_forward(config, queries=queries, prompts=prompts, batch_size=batch,
+                               ensemble_mode=getattr(args, "ensemble_mode", None) or "transformers",
+                               processor=processor, devices=getattr(args, "devices", None)):
+                finished.append(time.perf_counter())
         except Exception as e:  # noqa: BLE001 - only a head start: the first batch compiles and reports
             logging.getLogger(__name__).debug("compiling ahead failed: %s", e)
 
@@ -335,16 +381,49 @@ def compile_ahead(args: argparse.Namespace, *, queries: int, prompts: int) -> Ca
     return wait
 
 
-def make_segmenter(args: argparse.Namespace, model=None, *, ensemble_mode: str | None = None):
+def make_segmenter(args: argparse.Namespace, model=None, *, ensemble_mode: str | None = None, local: bool = False):
     """The Segmenter of a command: ``--model`` loaded (or ``model``), with the command's batch size, cache,
-    pixel limit and ensemble mode (``ensemble_mode`` when the command decides it, else ``--ensemble-mode``)."""
+    pixel limit, devices and ensemble mode (``ensemble_mode`` when the command decides it, else
+    ``--ensemble-mode``). ``local``: this process's devices only, under ``jax.distributed`` too (each
+    process then runs its own forwards)."""
     from ..inference.segmenter import Segmenter
 
     model = model if model is not None else load_model(args)
     extra = {"max_pixels": args.max_pixels} if hasattr(args, "max_pixels") else {}
     mode = ensemble_mode or getattr(args, "ensemble_mode", None) or "transformers"
-    return Segmenter(model, batch_size=getattr(args, "batch_size", None), compilation_cache=args.compilation_cache,
-                     ensemble_mode=mode, **extra)
+    try:
+        segmenter = Segmenter(model, batch_size=getattr(args, "batch_size", None),
+                              compilation_cache=args.compilation_cache, ensemble_mode=mode,
+                              devices=_devices(args, local), **extra)
+    except ValueError as e:
+        raise UserError(f"--devices: {e}" if "devices" in str(e) else str(e)) from None
+    if segmenter.parallel.active:
+        status(f"running on {segmenter.parallel.describe()}, {segmenter.batch_size} rows per forward")
+    return segmenter
+
+
+def _devices(args: argparse.Namespace, local: bool):
+    count = getattr(args, "devices", None)
+    if not local:
+        return count
+    import jax
+
+    devices = jax.local_devices()
+    if count is not None and count > len(devices):
+        raise UserError(f"--devices {count}: this process has {len(devices)} devices")
+    return devices[:count] if count else devices
+
+
+def is_main_process() -> bool:
+    """Process 0 of a ``--distributed`` job, or the only process: the one that prints reports and writes
+    shared files."""
+    import sys
+
+    if "jax" not in sys.modules:
+        return True
+    import jax
+
+    return jax.process_index() == 0
 
 
 # ------------------------------------------------------------------------------------ output

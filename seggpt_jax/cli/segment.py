@@ -17,6 +17,7 @@ import argparse
 import collections
 import errno
 import hashlib
+import itertools
 import json
 import os
 import time
@@ -42,7 +43,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                     "feature-ensembled. A rerun into the same --out-dir skips the inputs an earlier run of the same "
                     "job finished and completes the rest. Files this tool wrote are skipped as inputs and replaced "
                     "only with --overwrite; no other file is ever replaced.")
-    segment.add_argument("inputs", nargs="+", metavar="INPUT", help="images, or folders of images")
+    segment.add_argument("inputs", nargs="*", metavar="INPUT", help="images, or folders of images")
+    many = segment.add_argument_group("big jobs")
+    many.add_argument("--inputs-from", metavar="LIST",
+                      help="a text file with one image, folder or glob pattern per line (# comments), read as a "
+                           "stream: for millions of files")
+    many.add_argument("--shard", type=parse_shard, default=None, metavar="I/N",
+                      help="segment only shard I of N (0-based; each input's shard is a hash of its file name), "
+                           "for independent workers writing one --out-dir; default: from SLURM_ARRAY_TASK_ID/"
+                           "SLURM_ARRAY_TASK_COUNT, SLURM_PROCID/SLURM_NTASKS, or a Kubernetes indexed job's "
+                           "JOB_COMPLETION_INDEX with JOB_COMPLETIONS (or SEGGPT_JAX_SHARDS), else all inputs")
     common.add_prompt_options(segment)
     segment.add_argument("--out-dir", required=True, help="output folder (created if needed)")
     common.add_overwrite_option(segment)
@@ -54,6 +64,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     mode.add_argument("--ensemble-mode", choices=["transformers", "original"], default="transformers",
                       help="how several prompts are combined: transformers' or the BAAI code's feature ensemble")
     common.add_model_options(segment)
+    common.add_distributed_options(segment)
     segment.set_defaults(run=run_segment)
 
     video = sub.add_parser(
@@ -190,17 +201,94 @@ def output_names(inputs: Sequence[str], suffixes: Sequence[str] = ("_mask.png", 
     return [os.path.basename(path) for path in inputs]
 
 
-def _unique(paths: list[str]) -> list[str]:
-    """The inputs with any file given twice (the same real path) kept once."""
-    seen, out = set(), []
-    for path in paths:
-        key = os.path.realpath(path)
-        if key in seen:
-            status(f"{path} is given more than once: it is segmented once")
-            continue
-        seen.add(key)
-        out.append(path)
-    return out
+class _Inputs:
+    """The inputs of a ``segment`` run, streamed: the INPUT arguments (files, folders) and the lines of
+    ``--inputs-from`` (a file, a folder or a glob per line), in order, keeping only this worker's shard.
+
+    Nothing is held per input beyond its name (the collision check): a list of millions of files is
+    read line by line, once to check and count, once to work. A line that names nothing is a failed
+    input of its own (the others go on).
+    """
+
+    def __init__(self, args: argparse.Namespace, shard: tuple[int, int] | None):
+        from ..imaging.media import collect_images
+
+        self.arguments = collect_images(args.inputs) if args.inputs else []
+        self.list_file = args.inputs_from
+        self.shard = shard
+        self.duplicates = 0
+
+    def _lines(self) -> Iterator[tuple[str, str | None]]:
+        """``(path, None)`` per input of the list, or ``(line, message)`` for a line that names no image."""
+        import glob
+
+        from ..imaging.decode import IMAGE_EXTENSIONS
+        from ..imaging.media import folder_images
+
+        with open(self.list_file, encoding="utf-8", errors="surrogateescape") as lines:
+            for number, line in enumerate(lines, 1):
+                entry = line.strip()
+                if not entry or entry.startswith("#"):
+                    continue
+                entry = os.path.expanduser(entry)
+                if glob.has_magic(entry):
+                    matches = [m for m in sorted(glob.iglob(entry, recursive=True))
+                               if m.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(m)]
+                    if not matches:
+                        yield entry, f"{self.list_file} line {number}: {entry} matches no image"
+                    yield from ((m, None) for m in matches if not _ours(m))
+                elif os.path.isdir(entry):
+                    yield from ((m, None) for m in folder_images(entry)[0])
+                elif os.path.isfile(entry):
+                    yield entry, None
+                else:
+                    yield entry, f"{self.list_file} line {number}: no such file or folder: {entry}"
+
+    def __iter__(self) -> Iterator[tuple[str, str | None]]:
+        from ..parallel import shard_of
+
+        stream = ((path, None) for path in self.arguments)
+        if self.list_file:
+            stream = itertools.chain(stream, self._lines())
+        for path, problem in stream:
+            if self.shard is None or shard_of(os.path.basename(path), self.shard[1]) == self.shard[0]:
+                yield path, problem
+
+    def check(self) -> int:
+        """Read every input of the shard once before any work: two inputs of one name (that would write the
+        same outputs) are refused, naming them; a file given twice is segmented once. Returns the count."""
+        owners: dict[str, int] = {}
+        clashes: list[str] = []
+        count = 0
+        for path, problem in self:
+            count += 1
+            if problem is not None:
+                continue
+            name, real = os.path.basename(path), hash(os.path.realpath(path))
+            if name not in owners:
+                owners[name] = real
+            elif owners[name] == real:
+                self.duplicates += 1
+            else:
+                clashes.append(name)
+        if clashes:
+            paths = collections.defaultdict(list)
+            for path, problem in self:
+                if problem is None and os.path.basename(path) in clashes[:3]:
+                    paths[os.path.basename(path)].append(path)
+            shown = "; ".join(" and ".join(sorted(set(p))[:2]) for p in paths.values())
+            more = f" (and {len(clashes) - 3} more)" if len(clashes) > 3 else ""
+            raise UserError(f"inputs of the same name would write the same outputs (_mask.png): {shown}{more}; "
+                            f"segment them into different --out-dir folders")
+        if self.duplicates:
+            status(f"{plural(self.duplicates, 'input')} given more than once: each is segmented once")
+        return count - self.duplicates
+
+
+def _ours(path: str) -> bool:
+    from ..files import written_by_us
+
+    return written_by_us(path)
 
 
 def _fatal(error: OSError) -> bool:
@@ -208,30 +296,22 @@ def _fatal(error: OSError) -> bool:
     return error.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM)
 
 
-class _Plan:
-    """What a run does with each input: skip it (done earlier), fail it (an output in the way), or write
-    the outputs it lacks."""
+def _plan(folder, name: str, source: tuple, suffixes: Sequence[str]) -> tuple[str, Any]:
+    """What a run does with one input: ``("skip", None)`` (done earlier), ``("fail", message)`` (an output
+    in the way), or ``("todo", [the outputs it lacks])``."""
+    from ..files import ABSENT, FOREIGN, OURS, STALE
 
-    def __init__(self, folder, inputs: list[str], names: list[str], suffixes: Sequence[str]):
-        from ..files import ABSENT, FOREIGN, OURS, STALE, file_stamp
-
-        self.sources = [file_stamp(path) for path in inputs]
-        self.todo: dict[int, list[str]] = {}
-        self.failures: dict[int, str] = {}
-        self.skipped = 0
-        for index, name in enumerate(names):
-            outputs = [name + suffix for suffix in suffixes]
-            states = [folder.status(o, self.sources[index]) for o in outputs]
-            if FOREIGN in states:
-                self.failures[index] = str(_conflict(folder, outputs[states.index(FOREIGN)], FOREIGN))
-            elif folder.overwrite:
-                self.todo[index] = outputs
-            elif STALE in states:
-                self.failures[index] = str(_conflict(folder, outputs[states.index(STALE)], STALE))
-            elif all(state == OURS for state in states):
-                self.skipped += 1
-            else:
-                self.todo[index] = [o for o, state in zip(outputs, states) if state == ABSENT]
+    outputs = [name + suffix for suffix in suffixes]
+    states = [folder.status(o, source) for o in outputs]
+    if FOREIGN in states:
+        return "fail", str(_conflict(folder, outputs[states.index(FOREIGN)], FOREIGN))
+    if folder.overwrite:
+        return "todo", outputs
+    if STALE in states:
+        return "fail", str(_conflict(folder, outputs[states.index(STALE)], STALE))
+    if all(state == OURS for state in states):
+        return "skip", None
+    return "todo", [o for o, state in zip(outputs, states) if state == ABSENT]
 
 
 def _conflict(folder, name: str, state: str):
@@ -244,86 +324,187 @@ def _conflict(folder, name: str, state: str):
     raise AssertionError(f"{name} is {state} but may be written")  # pragma: no cover
 
 
-def run_segment(args: argparse.Namespace) -> int:
-    from ..files import OutputConflict, OutputFolder
-    from ..imaging.media import collect_images
+def parse_shard(text: str) -> tuple[int, int]:
+    """``I/N`` (0-based shard ``I`` of ``N``)."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N (shard I of N, counting from 0), got {text!r}") from None
+    if count < 1 or not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"shard I/N needs 0 <= I < N, got {text!r}")
+    return index, count
 
+
+def _worker_shard(args: argparse.Namespace) -> tuple[tuple[int, int] | None, bool]:
+    """This worker's ``(index, count)`` among all the workers of the job (``--shard``, the environment of a
+    SLURM or Kubernetes array job, and the processes of a ``--distributed`` job), and whether the
+    processes run in lockstep (``--distributed``)."""
+    from .. import parallel
+
+    shard = args.shard
+    if args.distributed:
+        import jax
+
+        processes, process = jax.process_count(), jax.process_index()
+        if processes > 1:
+            index, count = shard or (0, 1)
+            return (index * processes + process, count * processes), True
+        return shard, False
+    if shard is None:
+        shard = parallel.shard_from_environment()
+        if shard is not None and shard[1] > 1:
+            status(f"shard {shard[0]}/{shard[1]} of the inputs, from the array job's environment (SLURM or "
+                   f"Kubernetes; --shard 0/1 for all of them)")
+    return (shard if shard is None or shard[1] > 1 else None), False
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    from ..files import OutputFolder, file_stamp
+
+    if not args.inputs and not args.inputs_from:
+        raise UserError("give the input images (INPUT arguments, or --inputs-from LIST)")
+    if args.inputs_from and not os.path.isfile(args.inputs_from):
+        raise UserError(f"--inputs-from {args.inputs_from}: no such file")
     _check_labels(args)
     common.check_output_folder(args.out_dir)
     common.check_compilation_cache(args)
     colour_map = common.colour_map(args)
-    inputs = _unique(collect_images(args.inputs))
-    names = output_names(inputs)
     prompts, num_labels = checked_prompts(args, colour_map)
+    common.start_distributed(args)
+    shard, lockstep = _worker_shard(args)
+    inputs = _Inputs(args, shard)
+    status("reading the inputs ..." if args.inputs_from else "checking the inputs ...")
+    total = inputs.check()
     job = job_key(args, command="segment", prompts=_prompt_files(args), num_labels=num_labels,
                   colour_map=_colour_map_identity(args), embedding_type=args.embedding_type,
                   ensemble_mode=args.ensemble_mode)
-    folder = OutputFolder(args.out_dir, overwrite=args.overwrite, job=job)
-    plan = _Plan(folder, inputs, names, ("_mask.png", "_overlay.png"))
-    todo = sorted(plan.todo)
+    writer = f"shard-{shard[0]}-of-{shard[1]}" if shard is not None else None
+    folder = OutputFolder(args.out_dir, overwrite=args.overwrite, job=job, writer=writer)
+    suffixes = ("_mask.png", "_overlay.png")
+    failures: dict[str, str] = {}
+    skipped = todo = 0
+    seen: set[str] = set()
+
+    def work() -> Iterator[tuple[str, str, list[str], tuple]]:
+        """The inputs to segment, with what they lack; failures and skips are counted on the way."""
+        nonlocal skipped, todo
+        seen.clear()
+        for path, problem in inputs:
+            if problem is not None:
+                failures[path] = problem
+                continue
+            name = os.path.basename(path)
+            if name in seen:
+                continue  # the same file given twice
+            seen.add(name)
+            source = file_stamp(path)
+            action, detail = _plan(folder, name, source, suffixes)
+            if action == "fail":
+                failures[path] = detail
+            elif action == "skip":
+                skipped += 1
+            else:
+                todo += 1
+                yield path, name, detail, source
+
+    pending = sum(1 for _ in work())  # counts only: nothing is kept
+    planned_failures, planned_skips = dict(failures), skipped
+    if total == 0 and not lockstep:
+        raise UserError("no input images given" if not shard else
+                        f"shard {shard[0]}/{shard[1]} holds none of the inputs")
     mode = f"{num_labels} classes" if num_labels else "binary"
-    done = skipped = plan.skipped
-    written, seconds = 0, 0.0
-    if todo:
-        if plan.skipped:
-            status(f"{plural(plan.skipped, 'input')} already done by an earlier run (skipped); "
-                   f"{len(todo)} to segment")
+    count = len(prompts)
+    written = segmented = 0
+    seconds = 0.0
+    if pending or lockstep:
+        if planned_skips:
+            status(f"{plural(planned_skips, 'input')} already done by an earlier run (skipped); {pending} to segment")
         status("starting JAX ...")
-        compiled = common.compile_ahead(args, queries=len(todo), prompts=len(prompts))  # while the weights load
+        compiled = common.compile_ahead(args, queries=pending, prompts=count)  # while the weights load
         segmenter = common.make_segmenter(args)
         compiled()
+        failures.clear()
+        skipped = 0
         start = time.perf_counter()
-        bar = common.progress_bar(len(todo), "image", "segment")
-        results = segmenter.segment_iter([inputs[i] for i in todo], prompts, num_labels=num_labels,
-                                         colour_map=colour_map, embedding_type=args.embedding_type, errors="return")
+        bar = common.progress_bar(pending, "image", "segment")
+
+        files, completed = _Counter(), _Counter()  # counted as they appear (writes run on several threads)
+
+        def write(item, result, picture) -> int:
+            path, name, outputs, source = item
+            count = _write_outputs(folder, args, path, name, outputs, source, result, picture, num_labels, files.add)
+            completed.add()
+            return count
+
+        from ..inference.pipeline import run_pipeline
+
+        results = run_pipeline(segmenter, work(), prompts, write=write, path=lambda item: item[0],
+                               num_labels=num_labels, colour_map=colour_map, embedding_type=args.embedding_type,
+                               keep_picture=True, lockstep=lockstep)
         try:
-            for index, result in zip(todo, results):
+            for (path, *_), outcome in results:
                 bar.update(1)
-                try:
-                    written += _write_outputs(folder, args, inputs[index], names[index], plan.todo[index],
-                                              plan.sources[index], result, num_labels)
-                    done += 1
-                except (OutputConflict, _Failed) as e:
-                    plan.failures[index] = str(e)
-                except OSError as e:
-                    if _fatal(e):  # every later write would fail too: stop, say what was done, then the error
-                        bar.close()
-                        print(f"stopped after {done - skipped} of {plural(len(todo), 'image')}; wrote "
-                              f"{plural(written, 'file')} to {args.out_dir}")
-                        raise
-                    plan.failures[index] = f"cannot write the outputs of {inputs[index]}: {e.strerror or e}"
+                if isinstance(outcome, int):
+                    segmented += 1
+                else:
+                    failures[path] = outcome.message
+        except OSError as e:
+            if not _fatal(e):
+                raise
+            bar.close()  # (every write had ended when the pipeline stopped)
+            print(f"stopped after {completed.count} of {plural(pending, 'image')}; wrote "
+                  f"{plural(files.count, 'file')} to {args.out_dir}")
+            raise
         finally:
             bar.close()
+            written = files.count
         seconds = time.perf_counter() - start
-    segmented = done - skipped
+    else:
+        skipped = planned_skips
+    done = segmented + skipped
     note = f"; {skipped} already done (skipped)" if skipped else ""
     rate = f" ({seconds / segmented:.2f}s/image)" if segmented else ""
-    print(f"segmented {segmented} of {plural(len(inputs), 'image')} ({mode}, {plural(len(prompts), 'prompt')}) in "
+    where = f" (shard {shard[0]}/{shard[1]})" if shard else ""
+    print(f"segmented {segmented} of {plural(total, 'image')}{where} ({mode}, {plural(count, 'prompt')}) in "
           f"{seconds:.1f}s{rate}{note}; wrote {plural(written, 'file')} to {args.out_dir}")
-    return report_failures({inputs[i]: plan.failures[i] for i in sorted(plan.failures)}, "input")
+    speed = f"{segmented / seconds:.2f} images/s" if seconds > 0 and segmented else "no image segmented"
+    print(f"summary: {done} done ({segmented} segmented, {skipped} skipped), {len(failures)} failed; {speed}")
+    return report_failures(failures, "input")
 
 
 class _Failed(Exception):
     """An input that could not be segmented (its message names it)."""
 
 
-def _write_outputs(folder, args, path: str, name: str, outputs: list[str], source: tuple, result,
-                   num_labels: int | None) -> int:
-    """Write the outputs an input lacks; returns how many files were written."""
+class _Counter:
+    def __init__(self):
+        import threading
+
+        self.count, self._lock = 0, threading.Lock()
+
+    def add(self) -> None:
+        with self._lock:
+            self.count += 1
+
+
+def _write_outputs(folder, args, path: str, name: str, outputs: list[str], source: tuple, result, picture,
+                   num_labels: int | None, wrote=lambda: None) -> int:
+    """Write the outputs an input lacks (the overlay over ``picture``, or the file read again), calling
+    ``wrote()`` after each file; returns how many files were written."""
     from ..imaging.decode import to_rgb_uint8
     from ..imaging.media import mask_image, overlay
-    from ..inference.segmenter import InputFailure
 
-    if isinstance(result, InputFailure):
-        raise _Failed(result.message)
     count = 0
     if name + "_mask.png" in outputs:
-        picture = mask_image(result.mask, num_labels)
-        folder.write(name + "_mask.png", lambda tmp: picture.save(tmp, format="PNG"), source=source)
+        image = mask_image(result.mask, num_labels)
+        folder.write(name + "_mask.png", lambda tmp: image.save(tmp, format="PNG"), source=source)
+        wrote()
         count += 1
     if name + "_overlay.png" in outputs:
-        blended = overlay(to_rgb_uint8(path, max_pixels=args.max_pixels), result.mask)
+        base = picture if picture is not None else to_rgb_uint8(path, max_pixels=args.max_pixels)
+        blended = overlay(base, result.mask)
         folder.write(name + "_overlay.png", lambda tmp: _save_rgb(blended, tmp), source=source)
+        wrote()
         count += 1
     return count
 

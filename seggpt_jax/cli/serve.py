@@ -51,12 +51,31 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     model = serve.add_argument_group("how the model runs")
     model.add_argument("--dtype", choices=DTYPES, default="float32",
                        help="compute dtype (bfloat16 for GPU/TPU)")
+    common.add_devices_option(model)
     model.add_argument("--ensemble-mode", choices=["transformers", "original"], default="transformers",
                        help="how several prompts are combined: transformers' or the BAAI code's feature ensemble")
     model.add_argument("--compilation-cache", default=None, metavar="DIR",
                        help="folder of the persistent compilation cache (default: ~/.cache/seggpt_jax/xla, or "
                             "$SEGGPT_JAX_CACHE); a restart then loads the compiled programs instead of compiling")
     model.add_argument("--no-compilation-cache", action="store_true", help="compile everything at every start")
+    on_ray = serve.add_argument_group("Ray Serve (the ray extra)")
+    on_ray.add_argument("--ray", action="store_true",
+                        help="serve as a Ray Serve deployment (the same HTTP API on --host/--port through Ray's proxy): "
+                             "replicas of this service on a Ray cluster (RAY_ADDRESS or --ray-address), or on a local "
+                             "Ray instance")
+    on_ray.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                        help="the Ray cluster to join (default: $RAY_ADDRESS, else a new local instance)")
+    on_ray.add_argument("--ray-replicas", type=common.positive_int, default=1, metavar="N",
+                        help="replicas of the service (each loads the model on its own devices)")
+    on_ray.add_argument("--ray-gpus-per-replica", type=common.positive_float, default=None, metavar="G",
+                        help="GPUs per replica (ray_actor_options num_gpus; 1: one replica per GPU)")
+    on_ray.add_argument("--ray-tpus-per-replica", type=common.positive_int, default=None, metavar="T",
+                        help="TPU chips per replica (the TPU resource; e.g. 4 or 8: one replica per TPU host)")
+    on_ray.add_argument("--ray-max-ongoing-requests", type=common.positive_int, default=None, metavar="N",
+                        help="requests Ray hands one replica at once (default: --max-queue plus one batch)")
+    on_ray.add_argument("--ray-max-queued-requests", type=common.positive_int, default=None, metavar="N",
+                        help="requests Ray queues in front of the replicas; more get 429 with Retry-After "
+                             "(default: --max-queue)")
     serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info",
                        help="uvicorn's log level (info: one access-log line per request)")
     common.add_hub_options(serve)
@@ -109,6 +128,8 @@ def run_serve(args: argparse.Namespace) -> int:
     except ListenError as e:
         raise UserError(str(e)) from None
     cache = None if args.no_compilation_cache else (args.compilation_cache or True)
+    if args.ray:
+        return _run_on_ray(args, settings, cache, sock)
 
     def load():
         from ..inference.segmenter import Segmenter
@@ -118,7 +139,7 @@ def run_serve(args: argparse.Namespace) -> int:
         # float32: the library's defaults, so that answers equal Segmenter.from_pretrained(MODEL)'s
         options = {} if args.dtype == "float32" else {"dtype": jnp.dtype(args.dtype)}
         model = common.load_model(args, source, **options)
-        return Segmenter(model, ensemble_mode=args.ensemble_mode, compilation_cache=cache)
+        return Segmenter(model, ensemble_mode=args.ensemble_mode, compilation_cache=cache, devices=args.devices)
 
     try:
         return serve(settings, load, sock=sock, log_level=args.log_level,
@@ -127,3 +148,40 @@ def run_serve(args: argparse.Namespace) -> int:
         raise UserError(f"cannot serve {source}: {e}") from None
     finally:
         sock.close()
+
+
+def _run_on_ray(args: argparse.Namespace, settings, cache, sock) -> int:
+    """``serve --ray``: the service as a Ray Serve application, until Ctrl-C or SIGTERM."""
+    try:
+        import ray
+        from ray import serve
+    except ImportError as e:
+        raise UserError(f"seggpt-jax serve --ray needs the ray extra ({e.name} is missing): pip install "
+                        f"'seggpt-jax[ray]'") from None
+    import signal
+
+    from ..serve.ray import deployment
+
+    host, port = sock.getsockname()[:2]
+    sock.close()  # checked free; Ray's proxy binds it
+    actor: dict = {}
+    if args.ray_gpus_per_replica:
+        actor["num_gpus"] = args.ray_gpus_per_replica
+    if args.ray_tpus_per_replica:
+        actor["resources"] = {"TPU": args.ray_tpus_per_replica}
+    ray.init(address=args.ray_address, include_dashboard=False)
+    serve.start(http_options={"host": host, "port": port})
+    application = deployment(settings, dtype=args.dtype, devices=args.devices, num_replicas=args.ray_replicas,
+                             ray_actor_options=actor, max_ongoing_requests=args.ray_max_ongoing_requests,
+                             max_queued_requests=args.ray_max_queued_requests, compilation_cache=cache or False)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    status(f"Ray Serve: {args.ray_replicas} replica(s) of {settings.model} on http://{host}:{port} (warming up: /readyz "
+           f"says when ready; Ctrl-C or SIGTERM stops)")
+    try:
+        serve.run(application, name="seggpt-jax", route_prefix="/", blocking=True)
+    except KeyboardInterrupt:
+        status("stopping the Ray Serve application ...")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0

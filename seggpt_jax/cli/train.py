@@ -42,6 +42,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     hyper.add_argument("--remat", default=None, help="remat policy: full, dots, or a jax.checkpoint_policies name "
                                                      "(less memory, more compute; default: none)")
     hyper.add_argument("--bf16", action="store_true", help="bfloat16 compute, float32 parameters")
+    hyper.add_argument("--weights", choices=["replicated", "fsdp"], default="replicated",
+                       help="replicated: every device holds the parameters and optimizer state (fastest while they "
+                            "fit); fsdp: each large tensor is split over the devices and gathered where it is used "
+                            "(1/devices of the memory, an all-gather per layer): for state that does not fit beside "
+                            "the activations")
     hyper.add_argument("--no-drop-path", action="store_true", help="switch stochastic depth off")
     hyper.add_argument("--seed", type=int, default=0, help="seed of the data order, masks and drop-path")
     run = finetune.add_argument_group("run")
@@ -57,6 +62,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                           help="start over in an --out-dir that holds an earlier run: its checkpoints, log, report "
                                "and final model are removed (files anyone else put there are never touched)")
     common.add_model_options(finetune, inference=False)
+    common.add_distributed_options(finetune)
     finetune.set_defaults(run=run_finetune)
 
     tune = sub.add_parser(
@@ -84,6 +90,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--resume", action="store_true", help="continue from the state saved next to --output")
     common.add_overwrite_option(tune)
     common.add_model_options(tune, inference=False)
+    common.add_distributed_options(tune)
     tune.set_defaults(run=run_tune_prompt)
 
     evaluate = sub.add_parser(
@@ -145,6 +152,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     common.add_overwrite_option(evaluate)
     common.add_prompt_options(evaluate)
     common.add_model_options(evaluate)
+    common.add_distributed_options(evaluate)
     evaluate.set_defaults(run=run_evaluate)
 
 
@@ -175,6 +183,8 @@ class _JsonLog:
     def __call__(self, record: dict) -> None:
         from ..files import text_writer
 
+        if not common.is_main_process():
+            return
         print("  ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
                         if not isinstance(v, dict)), flush=True)
         if self.folder is not None:
@@ -229,9 +239,13 @@ def _finetune_folder(args: argparse.Namespace, config):
         raise UserError(f"{args.out_dir} already holds a run; pass --resume to continue it, --overwrite to start over, "
                         f"or choose another --out-dir")
     elif ours:
-        status(f"--overwrite: removing the earlier run in {args.out_dir} ({', '.join(ours)})")
-        for name in ours:
-            folder.remove(name)
+        from .. import parallel
+
+        if common.is_main_process():
+            status(f"--overwrite: removing the earlier run in {args.out_dir} ({', '.join(ours)})")
+            for name in ours:
+                folder.remove(name)
+        parallel.sync("the earlier run removed")
     return folder
 
 
@@ -249,6 +263,7 @@ def run_finetune(args: argparse.Namespace) -> int:
             seed=args.seed, log_every=args.log_every, checkpoint_every=args.checkpoint_every)
     except ValueError as e:
         raise UserError(str(e)) from None
+    common.start_distributed(args)  # before anything touches JAX
     if not args.resume:
         _check_trainable(args, config)
     folder = _finetune_folder(args, config)
@@ -259,25 +274,42 @@ def run_finetune(args: argparse.Namespace) -> int:
         model_config = Trainer.checkpoint_config(args.out_dir)
         batches = EpisodeBatches(dataset, model_config, batch_size=config.batch_size, seed=config.seed,
                                  mask_ratio=config.mask_ratio, half_mask_prob=config.half_mask_prob)
-        trainer = Trainer.restore(args.out_dir, config=config, batches=batches)
+        trainer = Trainer.restore(args.out_dir, config=config, batches=batches, devices=args.devices,
+                                  weights=args.weights)
         status(f"resumed {args.out_dir} at step {trainer.step_count}")
     else:
         model = common.load_model(args)
         batches = EpisodeBatches(dataset, model.config, batch_size=config.batch_size, seed=config.seed,
                                  mask_ratio=config.mask_ratio, half_mask_prob=config.half_mask_prob)
-        trainer = Trainer(model, config, batches=batches)
+        try:
+            trainer = Trainer(model, config, batches=batches, devices=args.devices, weights=args.weights)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    if trainer.parallel.active:
+        status(f"training on {trainer.parallel.describe()} ({args.weights} weights), "
+               f"{config.batch_size // trainer.parallel.size} rows per device")
     start = time.perf_counter()
     history = trainer.fit(checkpoint_dir=args.out_dir, log=_JsonLog(folder, "log.jsonl", resume=args.resume),
                           stop_after=args.stop_after, keep_checkpoints=args.keep_checkpoints)
     if trainer.step_count < config.steps:
         print(f"stopped at step {trainer.step_count} of {config.steps}; continue with --resume")
         return 0
-    final = folder.write_folder("final", trainer.model.save_pretrained, replace=True)
+    final_model = trainer.host_model()  # gathered from every process
+    if not common.is_main_process():
+        from .. import parallel
+
+        parallel.sync("final model written")
+        return 0
+    final = folder.write_folder("final", final_model.save_pretrained, replace=True)
     report = {"steps": trainer.step_count, "final_loss": history[-1]["loss"] if history else None,
               "first_loss": history[0]["loss"] if history else None, "seconds": round(time.perf_counter() - start, 1),
               "samples": len(dataset), "config": config.to_json(), "model": args.model, "final_model": final}
     folder.write_json("report.json", report, replace=True)
     print(f"fine-tuned {trainer.step_count} steps; final model in {final} (use --model {final})")
+    if trainer.parallel.processes > 1:
+        from .. import parallel
+
+        parallel.sync("final model written")
     return 0
 
 
@@ -299,6 +331,7 @@ def run_tune_prompt(args: argparse.Namespace) -> int:
                                     log_every=args.log_every, checkpoint_every=args.checkpoint_every)
     except ValueError as e:
         raise UserError(str(e)) from None
+    common.start_distributed(args)
     state = os.path.basename(args.output) + ".state.safetensors"
     if args.resume and not folder.owns(state):
         raise UserError(f"--resume: no prompt-tuning state of seggpt-jax next to {args.output} (expected {state})")
@@ -307,10 +340,19 @@ def run_tune_prompt(args: argparse.Namespace) -> int:
         _enable_cache(args)
     model = common.load_model(args)
     log = _JsonLog(folder, os.path.basename(args.output) + ".log.jsonl", resume=args.resume)
-    if args.resume:
-        prompt = resume_prompt_tuning(model, dataset, args.output, config, log=log, output=folder)
-    else:
-        prompt = tune_prompt(model, dataset, config, log=log, checkpoint=args.output, output=folder)
+    try:
+        if args.resume:
+            prompt = resume_prompt_tuning(model, dataset, args.output, config, log=log, output=folder,
+                                          devices=args.devices)
+        else:
+            prompt = tune_prompt(model, dataset, config, log=log, checkpoint=args.output, output=folder,
+                                 devices=args.devices)
+    except ValueError as e:
+        if "divide" not in str(e):
+            raise
+        raise UserError(f"--batch-size: {e}") from None
+    if not common.is_main_process():
+        return 0
     prompt.metadata["model"] = args.model
     prompt.save(args.output, output=folder)
     print(f"learned {common.plural(len(prompt), 'prompt')} in {config.steps} steps; saved {args.output} "
@@ -368,12 +410,16 @@ def _progress(desc: str, unit: str):
 
 def run_evaluate(args: argparse.Namespace) -> int:
     folder = common.output_file(args.output, "--output", overwrite=args.overwrite) if args.output else None
+    common.start_distributed(args)
 
     def write_json(report: dict) -> None:
-        if folder is not None:
+        if folder is not None and common.is_main_process():
             folder.write_json(os.path.basename(args.output), report, replace=True)
 
     common.check_compilation_cache(args)
+    if _process()[1] > 1 and args.protocol in ("davis", "folder"):
+        raise UserError(f"--distributed splits few-shot episodes over the processes; --protocol {args.protocol} runs "
+                        f"in one process (drop --distributed)")
     if args.list_episodes and args.protocol in ("davis", "folder"):
         raise UserError(f"--list-episodes lists few-shot episodes; --protocol {args.protocol} has none")
     if args.protocol == "davis":
@@ -394,19 +440,35 @@ def run_evaluate(args: argparse.Namespace) -> int:
             status(f"bad sample: {line}")
         return 0
     ensemble = settings.ensemble or "original"
-    # spatial: one (tiled) prompt per query, so the feature ensemble never runs
-    segmenter = common.make_segmenter(args, ensemble_mode="original" if ensemble == "spatial" else ensemble)
+    process = _process()
+    # spatial: one (tiled) prompt per query, so the feature ensemble never runs; under --distributed each
+    # process scores its own episodes on its own devices
+    segmenter = common.make_segmenter(args, ensemble_mode="original" if ensemble == "spatial" else ensemble,
+                                      local=process[1] > 1)
     bar, progress = _progress("evaluate", "episode")
     try:
-        report = run_few_shot(segmenter, prepared, progress=progress)
+        report = run_few_shot(segmenter, prepared, progress=progress, process=process)
     finally:
         bar.close()
+    if not common.is_main_process():
+        return _report_bad_samples(report)
     report.update(data=args.data, model=args.model)
     combined = f", {ensemble} ensemble" if args.shots > 1 else ""
     print(f"{args.protocol}: mIoU {report['mIoU']:.4f}  FB-IoU {report['FB-IoU']:.4f}  ({report['episodes']} episodes, "
           f"{report['classes']} classes, {args.shots}-shot{combined}, {report['seconds']}s)")
     write_json(report)
     return _report_bad_samples(report)
+
+
+def _process() -> tuple[int, int]:
+    """``(index, count)`` of this process in a ``--distributed`` job (``(0, 1)`` otherwise)."""
+    import sys
+
+    if "jax" not in sys.modules:
+        return 0, 1
+    import jax
+
+    return jax.process_index(), jax.process_count()
 
 
 def _report_bad_samples(report: dict) -> int:

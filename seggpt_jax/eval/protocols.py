@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import parallel
 from ..config import check_count
 from ..data import Dataset, Episode
 from ..data.benchmarks import (BAD_SAMPLE_POLICIES, HSNET_EPISODES, CocoBenchmark, FSS1000Benchmark,
@@ -70,7 +71,7 @@ def evaluate_episodes(segmenter, dataset: Dataset, episodes: Sequence[Episode], 
                       embedding_type: str | None = None, ensemble: str | None = None, threshold: float | None = None,
                       eval_size: int | None = None, classes: Sequence | None = None, absent: str = "skip",
                       fit_masks: bool = False,
-                      progress: Callable[[int, int], None] | None = None) -> dict:
+                      progress: Callable[[int, int], None] | None = None, merge: bool = False) -> dict:
     """Segment each episode's query from its supports and score it (see module doc).
 
     ``ensemble``: ``None`` (the segmenter's feature ensemble), ``"original"``, ``"transformers"`` or
@@ -92,7 +93,7 @@ def evaluate_episodes(segmenter, dataset: Dataset, episodes: Sequence[Episode], 
     meter = FewShotMeter(classes=list(classes) if classes is not None else None, absent=absent)
     start = time.perf_counter()
     shots = max((len(e.supports) for e in episodes), default=1)
-    per_forward = max(1, segmenter.batch_size // (1 if ensemble == "spatial" else shots))
+    per_forward = segmenter.queries_per_batch(1 if ensemble == "spatial" else shots)
     chunks = [list(episodes[i:i + per_forward]) for i in range(0, len(episodes), per_forward)]
     unreadable: list[Problem] = []
 
@@ -134,9 +135,28 @@ def evaluate_episodes(segmenter, dataset: Dataset, episodes: Sequence[Episode], 
         done += len(loaded)
         if progress is not None:
             progress(done, len(episodes))
+    unreadable_entries = [{"file": p.path, "problem": p.text, "action": "episode skipped"} for p in unreadable]
+    if merge:  # every process of a jax.distributed job: sum the scores of all of them
+        parts = parallel.all_gather_json("few-shot scores", {
+            "intersection": [[repr(k), v] for k, v in meter.intersection.items()],
+            "union": [[repr(k), v] for k, v in meter.union.items()],
+            "fb_intersection": meter.fb_intersection.tolist(), "fb_union": meter.fb_union.tolist(),
+            "episodes": meter.episodes, "unreadable": unreadable_entries})
+        keys = {repr(k): k for k in (meter.classes or [])} | {repr(k): k for k in meter.union}
+        meter = FewShotMeter(classes=meter.classes, absent=meter.absent)
+        unreadable_entries = []
+        for part in parts:
+            for name, field in (("intersection", meter.intersection), ("union", meter.union)):
+                for key, value in part[name]:
+                    label = keys.get(key, key)
+                    field[label] = field.get(label, 0) + value
+            meter.fb_intersection += np.asarray(part["fb_intersection"])
+            meter.fb_union += np.asarray(part["fb_union"])
+            meter.episodes += part["episodes"]
+            unreadable_entries += part["unreadable"]
     report = meter.report()
     report["seconds"] = round(time.perf_counter() - start, 2)
-    report["unreadable"] = [{"file": p.path, "problem": p.text, "action": "episode skipped"} for p in unreadable]
+    report["unreadable"] = unreadable_entries
     return report
 
 
@@ -270,16 +290,22 @@ def prepare_few_shot(settings: FewShotSettings, workers: int = 4) -> PreparedRun
 
 
 def run_few_shot(segmenter, prepared: PreparedRun,
-                 progress: Callable[[int, int], None] | None = None) -> dict:
-    """Evaluate a prepared run; the report holds the metrics, the settings and every bad sample."""
+                 progress: Callable[[int, int], None] | None = None, *, process: tuple[int, int] = (0, 1)) -> dict:
+    """Evaluate a prepared run; the report holds the metrics, the settings and every bad sample.
+
+    ``process=(index, count)``: the processes of a ``jax.distributed`` job each evaluate every
+    ``count``-th episode (from ``index``) on their own devices, and the scores are summed over all of
+    them (a collective: every process calls this); every process returns the whole run's report."""
     s = prepared.settings
     if not prepared.episodes:
         raise ValueError(f"no episodes to evaluate in {s.data} ({prepared.screened.skipped} skipped for bad "
                          f"samples)")
-    report = evaluate_episodes(segmenter, prepared.dataset, prepared.episodes, embedding_type=s.embedding_type,
+    index, count = process
+    mine = prepared.episodes[index::count]
+    report = evaluate_episodes(segmenter, prepared.dataset, mine, embedding_type=s.embedding_type,
                                ensemble=s.ensemble or "original", threshold=s.threshold, eval_size=s.eval_size,
                                classes=prepared.classes, absent=s.absent, fit_masks=s.on_bad_sample == "resize",
-                               progress=progress)
+                               progress=progress, merge=count > 1)
     screened = prepared.screened.to_json()
     for entry in report.pop("unreadable"):  # found only when decoding (a truncated image, say)
         screened["bad_samples"].append(entry)

@@ -25,7 +25,7 @@ _OVERLAY_COLOURS = np.array([
     (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128), (128, 128, 128)], dtype=np.uint8)
 
 
-def _folder_images(folder: str) -> tuple[list[str], int]:
+def folder_images(folder: str) -> tuple[list[str], int]:
     """A folder's images (sorted, hidden files and this tool's own outputs left out), and how many
     outputs were left out."""
     cache: dict = {}
@@ -46,7 +46,7 @@ def collect_images(paths: Sequence[str]) -> list[str]:
     found: list[str] = []
     for path in paths:
         if os.path.isdir(path):
-            entries, skipped = _folder_images(path)
+            entries, skipped = folder_images(path)
             if not entries:
                 note = f" besides {skipped} outputs of seggpt-jax" if skipped else ""
                 raise InputError(f"folder {path} holds no images{note} ({', '.join(IMAGE_EXTENSIONS)})")

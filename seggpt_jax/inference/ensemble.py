@@ -95,7 +95,7 @@ def paint_queries(segmenter, items: Sequence[tuple[np.ndarray, list[Any]]], *, e
     if not items:
         return []
     count = len(items[0][1])
-    per_forward = max(1, segmenter.batch_size // count)
+    per_forward = segmenter.queries_per_batch(count)
     preparer = PromptPreparer(segmenter.processor, None)
     out: list[np.ndarray] = []
     for offset in range(0, len(items), per_forward):

@@ -10,6 +10,10 @@ default) or class ids ``0..num_labels`` (``num_labels=N``, semantic mode). Promp
 the one mask rule of :mod:`seggpt_jax.imaging.masks`. Several prompts for one query are
 feature-ensembled; a list of queries may share prompts or bring their own; queries may also come as
 a stream (any iterable), read and segmented batch by batch.
+
+A Segmenter runs data-parallel over every local device by default (``devices=`` limits it): each
+forward's queries are split over the devices, whole queries per device, and the answers equal one
+device's (see :mod:`seggpt_jax.parallel` for the float bound).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from ..imaging.processor import painted_query, processor_for
 from ..models import SegGptForImageSegmentation
 from ..nn.inputs import EMBEDDING_TYPES, ENSEMBLE_MODES, default_embedding_type, prepare
 from ..nn.models import _forward_jit
+from ..parallel import DataParallel, pad_groups
 from ..runtime import enable_compilation_cache
 from .prompts import PreparedPrompt, PromptPreparer, is_per_query, normalise_prompts
 from .results import InputFailure, SegmentationResult, result_from_painted
@@ -40,9 +45,10 @@ from .video import segment_video
 
 logger = logging.getLogger(__name__)
 
-#: Rows per forward when none is given. On CPU one query per forward is the fastest per image (measured
-#: by ``python -m benchmarks.benchmark``, ``benchmarks/RESULTS.md``): the forward is compute-bound and a
-#: larger batch only adds cache pressure. Accelerators need large batches to fill their matrix units.
+#: Rows per forward and per device when none is given. On CPU one query per forward is the fastest per
+#: image (measured by ``python -m benchmarks.benchmark``, ``benchmarks/RESULTS.md``): the forward is
+#: compute-bound and a larger batch only adds cache pressure. Accelerators need large batches to fill
+#: their matrix units.
 DEFAULT_BATCH_SIZE = {"cpu": 1}
 ACCELERATOR_BATCH_SIZE = 32
 
@@ -72,6 +78,13 @@ class Segmenter:
         compilation_cache: ``True`` or a folder: keep compiled programs across processes.
         max_pixels: query files of more pixels are refused before decoding (``None``: no limit). A query
             of ``P`` pixels takes about ``12 P`` bytes beside the model while it is read and answered.
+        devices: the devices the forward runs on, data-parallel (:func:`seggpt_jax.parallel.select_devices`):
+            ``None`` (default) every device, an int ``N`` the first ``N`` of this process, or a list. The
+            model's parameters are placed on them (replicated), in place. Each forward's queries are
+            rounded up to a multiple of the devices (whole queries per device, so a query's feature
+            ensemble never spans two); the default batch size is the per-device default times the
+            devices. Under ``jax.distributed`` every process must run the same sequence of batches
+            (each its own queries of one global batch): ``seggpt-jax segment --distributed`` does.
 
     A last, partial batch runs at its own size on CPU (a compile costs less than padded rows there)
     and is padded to the full batch on accelerators (a padded row costs less than a compile).
@@ -79,15 +92,16 @@ class Segmenter:
 
     def __init__(self, model, *, batch_size: int | None = None, ensemble_mode: str = "transformers",
                  compilation_cache: bool | str | os.PathLike | None = None,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, devices: Any = None):
         _check_choice("ensemble_mode", ensemble_mode, ENSEMBLE_MODES)
         if batch_size is not None:
             check_count("batch_size", batch_size)
         if compilation_cache:
             enable_compilation_cache(None if compilation_cache is True else compilation_cache)
-        self.model = model
+        self.parallel = DataParallel(devices)
+        self.model = self.parallel.place(model)
         self.processor = processor_for(model)
-        self.batch_size = batch_size or default_batch_size()
+        self.batch_size = batch_size or default_batch_size() * self.parallel.local_size
         self.pad_batches = jax.default_backend() != "cpu"
         self.ensemble_mode = ensemble_mode
         self.max_pixels = max_pixels
@@ -96,10 +110,17 @@ class Segmenter:
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike = "BAAI/seggpt-vit-large", *,
                         batch_size: int | None = None, ensemble_mode: str = "transformers",
-                        compilation_cache: bool | str | None = None, **load_kwargs: Any) -> "Segmenter":
+                        compilation_cache: bool | str | None = None, devices: Any = None,
+                        **load_kwargs: Any) -> "Segmenter":
         """Load the model (any source :meth:`SegGptForImageSegmentation.from_pretrained` accepts)."""
         model = SegGptForImageSegmentation.from_pretrained(name_or_path, **load_kwargs)
-        return cls(model, batch_size=batch_size, ensemble_mode=ensemble_mode, compilation_cache=compilation_cache)
+        return cls(model, batch_size=batch_size, ensemble_mode=ensemble_mode, compilation_cache=compilation_cache,
+                   devices=devices)
+
+    def queries_per_batch(self, prompts: int) -> int:
+        """Queries per forward with ``prompts`` prompts each: ``batch_size // prompts`` (at least one),
+        rounded up to a multiple of this process's devices."""
+        return self.parallel.round_up(max(1, self.batch_size // prompts))
 
     def prepare_query(self, image: Any) -> tuple[np.ndarray, tuple[int, int], str | None]:
         """``([3, h, w] float32, original (H, W), path or None)``."""
@@ -195,7 +216,7 @@ class Segmenter:
                 continue
             query = _Query(index, pixels, size, source, query_prompts, types(index) == "instance")
             queued = [item for item in pending if isinstance(item, _Query)]
-            per_batch = max(1, self.batch_size // len(query_prompts))
+            per_batch = self.queries_per_batch(len(query_prompts))
             if queued and (len(queued[0].prompts) != len(query_prompts) or len(queued) >= per_batch):
                 yield from run()
             pending.append(query)
@@ -215,7 +236,7 @@ class Segmenter:
                 rows_pi.append(image)
                 rows_pm.append(mask)
                 rows_type.append(query.instance)
-        rows = max(1, self.batch_size // count) * count if pad and self.pad_batches else None
+        rows = self.queries_per_batch(count) * count if pad and self.pad_batches else None
         return list(self.paint_batch(np.stack(rows_q), np.stack(rows_pi), np.stack(rows_pm), np.asarray(rows_type),
                                      prompts_per_query=count, ensemble_mode=ensemble_mode, rows=rows))
 
@@ -274,8 +295,21 @@ class Segmenter:
                    prompt_valid: np.ndarray | None = None) -> np.ndarray:
         """One forward over model-input rows (``[rows, 3, h, w]`` each; groups of ``prompts_per_query``
         consecutive rows are one query, feature-ensembled) -> the painted query halves, ``[rows, 3, h, w]``
-        in ``[0, 255]``. The first forward of each shape says that it compiles, and how long it took."""
+        in ``[0, 255]``. The first forward of each shape says that it compiles, and how long it took.
+
+        Over several devices the queries are padded (repeating the last query) to a multiple of this
+        process's devices and split over them, whole queries per device; the padding is cut off."""
         count = prompts_per_query
+        real = len(pixels)
+        if isinstance(is_instance, str):
+            is_instance = np.full((real,), is_instance == "instance")
+        if self.parallel.active:
+            if real % count:
+                raise ValueError(f"paint_rows: {real} rows are not whole queries of {count} prompts")
+            queries = self.parallel.round_up(real // count)
+            pixels, prompt_images, prompt_masks, is_instance, prompt_valid = pad_groups(
+                [np.asarray(pixels), np.asarray(prompt_images), np.asarray(prompt_masks), np.asarray(is_instance),
+                 None if prompt_valid is None else np.asarray(prompt_valid)], count, queries)
         key = (len(pixels), count, prompt_valid is not None)
         first = key not in self._shapes
         if first:
@@ -283,9 +317,17 @@ class Segmenter:
                         len(pixels), "s" if len(pixels) > 1 else "", count, "s" if count > 1 else "",
                         ", unused ones masked" if prompt_valid is not None else "")
         start = time.perf_counter()
-        out = self.model(pixels, prompt_images, prompt_masks, feature_ensemble=count > 1, embedding_type=is_instance,
-                         ensemble_mode=ensemble_mode, prompts_per_query=count, prompt_valid=prompt_valid)
-        painted = painted_query(out, self.processor.image_mean, self.processor.image_std)  # [rows, 3, h, w]
+        rows = self.parallel.shard(pixel_values=pixels, prompt_pixel_values=prompt_images, prompt_masks=prompt_masks,
+                                   is_instance=np.asarray(is_instance))
+        if prompt_valid is not None and self.parallel.processes > 1:
+            raise NotImplementedError("prompt_valid (the video procedure's padded context) runs in one process")
+        rows["prompt_valid"] = prompt_valid  # [rows] flags, the same padding; XLA places them
+        with self.parallel.context():
+            out = self.model(rows["pixel_values"], rows["prompt_pixel_values"], rows["prompt_masks"],
+                             feature_ensemble=count > 1, embedding_type=rows["is_instance"],
+                             ensemble_mode=ensemble_mode, prompts_per_query=count, prompt_valid=rows["prompt_valid"])
+        pred = self.parallel.gather(out.pred_masks)[:real]
+        painted = painted_query(pred, self.processor.image_mean, self.processor.image_std)  # [rows, 3, h, w]
         if first:
             self._shapes.add(key)
             logger.info("ran it in %.1fs; later batches of this shape reuse its program", time.perf_counter() - start)
@@ -308,14 +350,19 @@ class Segmenter:
 
 
 def compile_forward(config, *, queries: int, prompts: int = 1, batch_size: int | None = None,
-                    ensemble_mode: str = "transformers", **model_kwargs: Any) -> None:
+                    ensemble_mode: str = "transformers", devices: Any = None, **model_kwargs: Any) -> bool:
     """Compile the forward a :class:`Segmenter` will run first, from the config alone.
 
     No weights are needed (the model is built abstractly), so this can run while the weights load
     (:func:`compile_ahead`); XLA keeps the executable and the Segmenter's first batch does not compile
     again. ``model_kwargs`` are the model's construction settings (``dtype``, ``param_dtype``,
     ``precision``, ``runtime``, and the ``processor`` of the checkpoint: part of the model, so of the program).
+    Over several ``devices`` nothing is compiled ahead (the sharded program compiles with the first
+    batch). Returns whether it compiled.
     """
+    if DataParallel(devices).active:
+        logger.debug("not compiling ahead: the forward over several devices compiles with its first batch")
+        return False
     per_batch = max(1, (batch_size or default_batch_size()) // prompts)
     rows = min(per_batch, max(queries, 1)) * prompts
     zeros = np.zeros((rows, config.num_channels, *config.query_size), np.float32)
@@ -325,6 +372,7 @@ def compile_forward(config, *, queries: int, prompts: int = 1, batch_size: int |
                               embedding_type=np.ones(rows, bool), ensemble_mode=ensemble_mode,
                               prompts_per_query=prompts)
     _forward_jit.lower(graphdef, state, inputs, options).compile()
+    return True
 
 
 def compile_ahead(config, **kwargs: Any) -> Callable[[], None]:

@@ -143,7 +143,7 @@ def _segment_objects(segmenter, frames: Iterable[Any], first: Any, ids: list[int
     colours = np.asarray(build_palette(max(ids)), np.uint8)
     id_array = np.asarray(ids, np.int64)
     slots = context_frames + 1
-    per_forward = max(1, segmenter.batch_size // slots)  # objects per forward
+    per_forward = segmenter.queries_per_batch(slots)  # objects per forward
     for index, query in _queries(segmenter, frames, errors):
         if isinstance(query, InputFailure):
             yield query

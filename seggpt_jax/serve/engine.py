@@ -35,7 +35,7 @@ from ..imaging.masks import ColourMap
 from ..imaging.media import mask_image
 from ..inference.prompts import PreparedPrompt, Prompt
 from ..inference.segmenter import default_batch_size
-from .batcher import Batcher, BatchObserver
+from .batcher import Batcher, BatchObserver, bucket_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -338,11 +338,11 @@ class Engine:
                            "param_dtype": sorted({str(x.dtype) for x in jax.tree.leaves(
                                _parameters(self.segmenter.model))})}
             rows, wait = platform_defaults(self.backend)
-            self.max_batch = self.settings.max_batch or rows
+            self.max_batch = self.settings.max_batch or rows * self.segmenter.parallel.local_size
             self.max_wait_ms = wait if self.settings.max_wait_ms is None else self.settings.max_wait_ms
             self.batcher = Batcher(self.run_batch, max_batch_size=self.queries_per_batch,
                                    batch_wait_timeout_s=self.max_wait_ms / 1000, max_queue_size=self.settings.max_queue,
-                                   observer=self.observers, device=self.device)
+                                   batch_sizes=self.batch_sizes, observer=self.observers, device=self.device)
             self.status = "compiling"
             await self.batcher.warm_up(self.keys(), self.example)
             self.compiles.phase = "serving"
@@ -355,7 +355,14 @@ class Engine:
         return [CompileKey(k) for k in range(1, self.settings.max_prompts + 1)]
 
     def queries_per_batch(self, key: CompileKey) -> int:
-        return max(1, self.max_batch // key.prompts_per_query)
+        """``max_batch // prompts`` queries, rounded up to a multiple of the devices (whole queries on each)."""
+        return self.segmenter.parallel.round_up(max(1, self.max_batch // key.prompts_per_query))
+
+    def batch_sizes(self, key: CompileKey) -> tuple[int, ...]:
+        """The compiled batch sizes (queries): :func:`bucket_sizes` of the largest, each rounded up to a
+        multiple of the devices (8 devices, 32 queries: 8, 16, 32)."""
+        parallel = self.segmenter.parallel
+        return tuple(sorted({parallel.round_up(size) for size in bucket_sizes(self.queries_per_batch(key))}))
 
     def example(self, key: CompileKey) -> QueryJob:
         """A query of zeros with ``key``'s prompt count: what the warm-up runs (values do not matter)."""
@@ -433,7 +440,7 @@ class Engine:
             config = model.config
             out.update({
                 "backend": self.backend,
-                "devices": [str(d) for d in jax.devices()],
+                "devices": [str(d) for d in self.segmenter.parallel.devices],
                 **self.dtypes,
                 "query_size": list(config.query_size),
                 "hidden_size": config.hidden_size,

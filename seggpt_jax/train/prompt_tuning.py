@@ -35,6 +35,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from .. import parallel as _parallel
 from ..nn.inputs import default_embedding_type
 from ..data import Augment, Dataset, Prefetcher, resize_valid
 from ..weights.readers import CheckpointError, SafetensorsReader
@@ -147,7 +148,9 @@ class PromptTuningConfig:
 
 
 class QueryBatches:
-    """``batches(step)`` -> (query pixels, query masks painted, valid) for prompt tuning; seeded by step."""
+    """``batches(step)`` -> (query pixels, query masks painted, valid) for prompt tuning; seeded by step.
+    ``batches(step, rows)``: only those rows (each row has its own generator, seeded by ``(seed, step,
+    row)``, so a process of a multi-host job loads only its rows of the same batch)."""
 
     def __init__(self, dataset: Dataset, model: Any, *, batch_size: int, seed: int,
                  augment: Augment | None = Augment(scale=(0.6, 1.0), jitter=0.1)):
@@ -163,16 +166,17 @@ class QueryBatches:
         valid = resize_valid(self.processor, [valid])[0].astype(np.float32)
         return out["pixel_values"][0], out["prompt_masks"][0], valid
 
-    def __call__(self, step: int) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng([self.seed, step])
-        rows = []
-        for index in rng.integers(0, len(self.dataset), self.batch_size):
+    def __call__(self, step: int, rows: range | None = None) -> dict[str, np.ndarray]:
+        out = []
+        for row in range(self.batch_size) if rows is None else rows:
+            rng = np.random.default_rng([self.seed, step, row])
+            index = rng.integers(0, len(self.dataset))
             image, labels = self.dataset.load(self.dataset[int(index)])
             if self.augment is not None:
                 image, labels = self.augment(image, labels, rng)
-            rows.append(self.model_inputs(image, labels))
-        return {"pixel_values": np.stack([r[0] for r in rows]), "labels": np.stack([r[1] for r in rows]),
-                "valid": np.stack([r[2] for r in rows])}
+            out.append(self.model_inputs(image, labels))
+        return {"pixel_values": np.stack([r[0] for r in out]), "labels": np.stack([r[1] for r in out]),
+                "valid": np.stack([r[2] for r in out])}
 
 
 def initial_prompt(dataset: Dataset, model: Any, config: PromptTuningConfig) -> LearnedPrompt:
@@ -215,19 +219,30 @@ def prompt_loss(model, prompt: dict, batch: dict, *, instance: bool) -> jax.Arra
 def tune_prompt(model, dataset: Dataset, config: PromptTuningConfig = PromptTuningConfig(), *,
                 start: LearnedPrompt | None = None, log: Callable[[dict], None] | None = None,
                 checkpoint: str | None = None, start_step: int = 0,
-                opt_state: Any = None, output=None) -> LearnedPrompt:
+                opt_state: Any = None, output=None, devices: Any = None) -> LearnedPrompt:
     """Optimise a prompt for ``dataset`` with ``model`` frozen; returns the learned prompt.
 
     With ``checkpoint`` the prompt (and Adam state) is saved every ``checkpoint_every`` steps to
     ``checkpoint`` (+ ``.state.safetensors``), and :func:`resume_prompt_tuning` continues from it;
     ``output`` (an :class:`~seggpt_jax.files.OutputFolder` holding them) records them as the tool's.
+
+    Each step's queries are split over ``devices`` (:func:`seggpt_jax.parallel.select_devices`; default
+    every device; ``batch_size`` must divide over them), the model's parameters replicated on them in
+    place. Under ``jax.distributed`` each process loads its own rows of each batch, and process 0
+    alone writes the checkpoints and calls ``log``.
     """
+    data_parallel = _parallel.DataParallel(devices)
+    if config.batch_size % data_parallel.size:
+        raise ValueError(f"batch_size {config.batch_size} does not divide over {data_parallel.describe()}")
+    data_parallel.place(model)
+    main = jax.process_index() == 0
     instance = (config.embedding_type or default_embedding_type(dataset.num_labels)) == "instance"
     prompt = start or initial_prompt(dataset, model, config)
     prompt.check_model(model.config)
     params = {"image": jnp.asarray(prompt.prompt_pixel_values), "mask": jnp.asarray(prompt.prompt_masks)}
     tx = optax.adam(config.learning_rate)
     opt_state = opt_state if opt_state is not None else tx.init(params)
+    params, opt_state = data_parallel.replicate(params), data_parallel.replicate(opt_state)
     graphdef, state = nnx.split(model)
     trainable = {"image": config.tune in ("both", "image"), "mask": config.tune in ("both", "mask")}
 
@@ -246,14 +261,22 @@ def tune_prompt(model, dataset: Dataset, config: PromptTuningConfig = PromptTuni
     losses = LossLog(config.log_every, config.steps)
     meta = dict(prompt.metadata, num_labels=dataset.num_labels, embedding_type="instance" if instance else "semantic",
                 tune=config.tune, learning_rate=config.learning_rate)
-    for index, batch in enumerate(Prefetcher(batches, start_step, config.steps)):
-        params, opt_state, loss = step(params, opt_state, state, batch)
+    processes = data_parallel.processes
+    per = config.batch_size // processes
+    rows = range(jax.process_index() * per, (jax.process_index() + 1) * per) if processes > 1 else None
+    for index, batch in enumerate(Prefetcher(lambda s: batches(s, rows), start_step, config.steps)):
+        with data_parallel.context():
+            params, opt_state, loss = step(params, opt_state, state, data_parallel.shard(**batch))
         done = start_step + index + 1
         record = losses.add(done, loss)
-        if log is not None and record is not None:
+        if log is not None and main and record is not None:
             log(record)
         if checkpoint and due(done, config.checkpoint_every, config.steps):
-            _save_state(checkpoint, params, opt_state, dict(meta, steps=done), config, output)
+            host_params, host_state = _parallel.host_state(params), _parallel.host_state(opt_state)
+            if main:
+                _save_state(checkpoint, host_params, host_state, dict(meta, steps=done), config, output)
+            _parallel.sync(f"prompt checkpoint {done}")
+    params = _parallel.host_state(params)
     return LearnedPrompt(np.asarray(params["image"]), np.asarray(params["mask"]), dict(meta, steps=config.steps))
 
 

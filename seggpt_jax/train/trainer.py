@@ -19,6 +19,12 @@ half as at inference) and the smooth-L1 painter loss is taken over the masked, v
 
 Everything random derives from ``TrainConfig.seed`` and the step number (data, masks, drop-path), so a
 run resumed from a checkpoint ends with exactly the parameters of an uninterrupted run.
+
+A Trainer runs data-parallel over every device by default (``devices=`` limits it): each step's batch
+is split over the devices and the gradients are summed across them, so a step equals one device's up
+to the order of that sum (see :mod:`seggpt_jax.parallel`). ``weights="fsdp"`` also splits the
+parameters and the optimizer state over the devices; under ``jax.distributed`` each process loads only
+its own rows of each batch, and checkpoints are gathered and written once, by process 0.
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ from ..nn.paths import layer_paths, stack_start
 from ..weights import path_key
 from ..imaging.processor import as_processor
 from ..files import OutputFolder, replace_folder, write_json
+from .. import parallel as _parallel
+from ..parallel import DataParallel
 from .state import LossLog, due, load_tree, point_latest, prune_checkpoints, resolve_checkpoint, save_tree
 
 logger = logging.getLogger(__name__)
@@ -261,7 +269,10 @@ def random_patch_masks(rng: np.random.Generator, rows: int, config: SegGptConfig
 
 
 class EpisodeBatches:
-    """``batches(step)`` -> one training batch, a pure function of ``(seed, step)``.
+    """``batches(step)`` -> one training batch, a pure function of ``(seed, step)``; ``batches(step, rows)``
+    -> only those rows of it (each row draws from its own generator, seeded by ``(seed, step, row)``, so
+    that a process of a multi-host job loads only its own rows and the batch is the same for any
+    number of processes).
 
     Each row takes two different samples of one group (prompt and query), augments each, paints their
     masks (binary: white foreground; class ids: the SegGPT palette) and draws the patch mask.
@@ -281,12 +292,13 @@ class EpisodeBatches:
         self.processor = as_processor(model)
         self._groups = [members for _, members in sorted(dataset.groups().items())]
 
-    def __call__(self, step: int) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng([self.seed, step])
+    def __call__(self, step: int, rows: range | None = None) -> dict[str, np.ndarray]:
         weights = np.array([len(g) for g in self._groups], dtype=np.float64)
-        rows: dict[str, list] = {k: [] for k in ("pixel_values", "prompt_pixel_values", "prompt_masks", "labels",
-                                                 "valid")}
-        for _ in range(self.batch_size):
+        chosen = range(self.batch_size) if rows is None else rows
+        out: dict[str, list] = {k: [] for k in ("pixel_values", "prompt_pixel_values", "prompt_masks", "labels",
+                                                "valid", "bool_masked_pos")}
+        for row in chosen:
+            rng = np.random.default_rng([self.seed, step, row])
             group = self._groups[rng.choice(len(self._groups), p=weights / weights.sum())]
             pick = rng.choice(group, size=2, replace=len(group) < 2)
             pair = []
@@ -297,19 +309,19 @@ class EpisodeBatches:
                 mask_rgb, valid = self.dataset.mask_picture(labels)
                 pair.append((image, mask_rgb, valid))
             (p_image, p_mask, p_valid), (q_image, q_mask, q_valid) = pair
-            out = self.processor(images=q_image, prompt_images=p_image, prompt_masks=[p_mask, q_mask],
-                                 do_convert_rgb=False, return_tensors="np")
+            processed = self.processor(images=q_image, prompt_images=p_image, prompt_masks=[p_mask, q_mask],
+                                       do_convert_rgb=False, return_tensors="np")
             valid = resize_valid(self.processor, (p_valid, q_valid))
-            rows["pixel_values"].append(out["pixel_values"][0])
-            rows["prompt_pixel_values"].append(out["prompt_pixel_values"][0])
-            rows["prompt_masks"].append(out["prompt_masks"][0])
-            rows["labels"].append(out["prompt_masks"][1])
-            rows["valid"].append(np.concatenate([valid[0], valid[1]], axis=1))  # [1, 2h, w]
-        batch = {k: np.stack(v) for k, v in rows.items()}
+            out["pixel_values"].append(processed["pixel_values"][0])
+            out["prompt_pixel_values"].append(processed["prompt_pixel_values"][0])
+            out["prompt_masks"].append(processed["prompt_masks"][0])
+            out["labels"].append(processed["prompt_masks"][1])
+            out["valid"].append(np.concatenate([valid[0], valid[1]], axis=1))  # [1, 2h, w]
+            out["bool_masked_pos"].append(random_patch_masks(rng, 1, self.config, self.mask_ratio,
+                                                             self.half_mask_prob)[0])
+        batch = {k: np.stack(v) for k, v in out.items()}
         batch["valid"] = batch["valid"].astype(np.float32)
-        batch["bool_masked_pos"] = random_patch_masks(rng, self.batch_size, self.config, self.mask_ratio,
-                                                      self.half_mask_prob)
-        batch["is_instance"] = np.full((self.batch_size,), self.instance)
+        batch["is_instance"] = np.full((len(chosen),), self.instance)
         return batch
 
 
@@ -360,6 +372,10 @@ def _make_step(graphdef, wrt, accum: int, drop_path: bool):
     return step
 
 
+def _process_index() -> int:
+    return jax.process_index()
+
+
 def painter_count(config: SegGptConfig, batch: dict) -> jax.Array:
     """The loss denominator of a batch (counted pixels), computed from the batch alone."""
     zeros = jnp.zeros(batch["prompt_masks"].shape[:2] + (batch["prompt_masks"].shape[2] * 2,)
@@ -371,14 +387,40 @@ def painter_count(config: SegGptConfig, batch: dict) -> jax.Array:
 
 # ------------------------------------------------------------------------------------ the trainer
 class Trainer:
-    """Owns a model, its optimizer and the jitted step; checkpoints and resumes exactly."""
+    """Owns a model, its optimizer and the jitted step; checkpoints and resumes exactly.
+
+    Args:
+        model: the painter; its parameters are trained (and placed on the devices) in place.
+        config: :class:`TrainConfig`.
+        batches: ``batches(step) -> batch`` (e.g. :class:`EpisodeBatches`); under ``jax.distributed``
+            ``batches(step, rows)`` is called for this process's rows when it takes them.
+        devices: the devices, data-parallel (:func:`seggpt_jax.parallel.select_devices`; default every
+            device). ``config.batch_size`` must divide evenly over them.
+        weights: ``"replicated"`` (default): every device holds the parameters and the optimizer state;
+            the fastest while they fit (ViT-L in float32 with AdamW: 1.2 GB of parameters + 2.4 GB of
+            moments + 1.2 GB of gradients per device). ``"fsdp"``: each large tensor of both is split
+            over the devices and gathered where a layer uses it: about ``1/devices`` of that memory per
+            device for an all-gather of each layer's weights per step; use it when the replicated
+            state does not fit beside the activations (small accelerators, large batches, full
+            fine-tuning of ViT-L on 16 GB devices), or to free memory for a larger batch.
+    """
 
     def __init__(self, model: nnx.Module, config: TrainConfig, *, batches: Callable[[int], dict] | None = None,
-                 optimizer: nnx.Optimizer | None = None, step: int = 0):
+                 optimizer: nnx.Optimizer | None = None, step: int = 0, devices=None, weights: str = "replicated"):
         check_trainable(model.config, config.trainable)
+        self.parallel = DataParallel(devices)
+        if config.batch_size % self.parallel.size:
+            raise ValueError(f"batch_size {config.batch_size} does not divide over {self.parallel.describe()}: "
+                             f"choose a multiple of {self.parallel.size} (or fewer devices)")
+        if config.grad_accum > 1 and (config.batch_size // config.grad_accum) % self.parallel.size:
+            raise ValueError(f"micro-batches of {config.batch_size // config.grad_accum} rows (batch_size / "
+                             f"grad_accum) do not divide over {self.parallel.describe()}")
+        self.weights = weights
         model = training_view(model, config)
+        self.parallel.place(model, weights=weights)
         self.model, self.config, self.batches = model, config, batches
         self.optimizer = optimizer if optimizer is not None else make_optimizer(model, config)
+        self.parallel.place(self.optimizer, weights=weights)
         self.step_count = step
         self._wrt = trainable_filter(config.trainable)
         self._key = jax.random.key(config.seed)
@@ -396,14 +438,29 @@ class Trainer:
         return any(key == name or key.endswith("." + name) for name in self._frozen)
 
     def train_step(self, batch: dict) -> float:
+        """One optimizer step on a batch (this process's rows of it, under ``jax.distributed``)."""
         if self._step_fn is None:
             graphdef, _ = nnx.split((self.model, self.optimizer))
             self._step_fn = _make_step(graphdef, self._wrt, self.config.grad_accum, self.config.drop_path)
         state = nnx.state((self.model, self.optimizer))
-        new_state, loss = self._step_fn(state, batch, jax.random.fold_in(self._key, self.step_count))
+        with self.parallel.context():
+            batch = self.parallel.shard(**batch)
+            new_state, loss = self._step_fn(state, batch, jax.random.fold_in(self._key, self.step_count))
         nnx.update((self.model, self.optimizer), new_state)
         self.step_count += 1
         return loss
+
+    def local_batch(self, step: int) -> dict:
+        """This process's rows of the step's batch (all of it in a single process)."""
+        processes = self.parallel.processes
+        if processes == 1:
+            return self.batches(step)
+        per = self.config.batch_size // processes
+        rows = range(_process_index() * per, (_process_index() + 1) * per)
+        try:
+            return self.batches(step, rows)
+        except TypeError:  # a batches function of one argument: take our rows of the whole batch
+            return {k: v[rows.start:rows.stop] for k, v in self.batches(step).items()}
 
     def fit(self, *, checkpoint_dir: str | None = None, log: Callable[[dict], None] | None = None,
             evaluate: Callable[[], dict] | None = None, eval_every: int | None = None,
@@ -423,7 +480,8 @@ class Trainer:
         run = OutputFolder(checkpoint_dir) if checkpoint_dir else None
         end = self.config.steps if stop_after is None else min(self.config.steps, self.step_count + stop_after)
         losses = LossLog(self.config.log_every, end)
-        for batch in Prefetcher(self.batches, self.step_count, end):
+        main = _process_index() == 0  # under jax.distributed only process 0 logs and writes
+        for batch in Prefetcher(self.local_batch, self.step_count, end):
             loss = self.train_step(batch)
             step = self.step_count
             record = losses.add(step, loss)
@@ -431,29 +489,58 @@ class Trainer:
                 if evaluate is not None and eval_every and due(step, eval_every, end):
                     record.update(evaluate())
                 self.history.append(record)
-                if log is not None:
+                if log is not None and main:
                     log(record)
             if run is not None and due(step, self.config.checkpoint_every, end):
                 name = f"step_{step:07d}"
                 self.save(os.path.join(checkpoint_dir, name), output=run)
-                point_latest(checkpoint_dir, name, output=run)  # only once the checkpoint is complete
-                if keep_checkpoints is not None:
-                    prune_checkpoints(run, keep_checkpoints)
+                if main:
+                    point_latest(checkpoint_dir, name, output=run)  # only once the checkpoint is complete
+                    if keep_checkpoints is not None:
+                        prune_checkpoints(run, keep_checkpoints)
+                _parallel.sync(f"checkpoint {name} in place")
         return self.history
 
     # -------------------------------------------------------------------------- checkpoints
     def save(self, directory: str, *, output: OutputFolder | None = None) -> None:
         """A checkpoint folder: ``model/`` (save_pretrained), ``optimizer.safetensors`` (the optimizer's
         state keyed by path) and ``trainer.json``, staged, flushed to disk and swapped in whole
-        (through ``output``, the run's :class:`~seggpt_jax.files.OutputFolder`, when given)."""
+        (through ``output``, the run's :class:`~seggpt_jax.files.OutputFolder`, when given).
+
+        Under ``jax.distributed`` every process must call it (the state is gathered from all of them);
+        process 0 alone writes, once, and the others wait until the checkpoint is in place."""
+        model, optimizer_state = self.model, nnx.state(self.optimizer)
+        if self.parallel.processes > 1:
+            graphdef, state = nnx.split(self.model)
+            model = nnx.merge(graphdef, _parallel.host_state(state))
+            optimizer_state = _parallel.host_state(optimizer_state)
+            if _process_index() != 0:
+                _parallel.sync(f"checkpoint {directory} written")
+                return
 
         def fill(staging: str) -> None:
-            self.model.save_pretrained(os.path.join(staging, "model"))
-            save_tree(os.path.join(staging, "optimizer.safetensors"), nnx.state(self.optimizer),
+            model.save_pretrained(os.path.join(staging, "model"))
+            save_tree(os.path.join(staging, "optimizer.safetensors"), optimizer_state,
                       omit=self._untrained_state)
             write_json(os.path.join(staging, "trainer.json"),
                        {"step": self.step_count, "config": self.config.to_json(), "history": self.history})
 
+        try:
+            self._write_checkpoint(directory, fill, output)
+        finally:
+            if self.parallel.processes > 1:
+                _parallel.sync(f"checkpoint {directory} written")
+
+    def host_model(self) -> nnx.Module:
+        """The trained model with its parameters as host arrays (gathered from every process under
+        ``jax.distributed``: a collective), ready for ``save_pretrained``."""
+        if self.parallel.processes == 1:
+            return self.model
+        graphdef, state = nnx.split(self.model)
+        return nnx.merge(graphdef, _parallel.host_state(state))
+
+    @staticmethod
+    def _write_checkpoint(directory: str, fill, output) -> None:
         if output is None:
             replace_folder(directory, fill)
         else:
@@ -466,11 +553,13 @@ class Trainer:
 
     @classmethod
     def restore(cls, path: str, *, batches: Callable[[int], dict] | None = None,
-                config: TrainConfig | None = None, runtime: RuntimeConfig | None = None) -> "Trainer":
+                config: TrainConfig | None = None, runtime: RuntimeConfig | None = None, devices=None,
+                weights: str = "replicated") -> "Trainer":
         """Resume from a :meth:`save` folder, a run folder (its ``latest`` checkpoint) or its ``latest`` file.
 
         ``runtime``: the model's :class:`RuntimeConfig` (e.g. ``scan_layers=True``); a checkpoint holds
-        no layout of its own, so a run saved scanned resumes unscanned or scanned alike."""
+        no layout of its own, so a run saved scanned resumes unscanned or scanned alike. ``devices`` and
+        ``weights``: as for the constructor."""
         directory = resolve_checkpoint(path)
         meta_path = os.path.join(directory, "trainer.json")
         if not os.path.isfile(meta_path):
@@ -479,10 +568,11 @@ class Trainer:
             meta = json.load(f)
         config = config or TrainConfig.from_json(meta["config"])
         model = SegGptForImageSegmentation.from_pretrained(os.path.join(directory, "model"), runtime=runtime)
-        trainer = cls(model, config, batches=batches, step=int(meta["step"]))
+        trainer = cls(model, config, batches=batches, step=int(meta["step"]), devices=devices, weights=weights)
         state, _ = load_tree(os.path.join(directory, "optimizer.safetensors"), nnx.state(trainer.optimizer),
                              omit=trainer._untrained_state)
         nnx.update(trainer.optimizer, state)
+        trainer.parallel.place(trainer.optimizer, weights=weights)
         trainer.history = meta.get("history", [])
         return trainer
 
