@@ -1,5 +1,7 @@
 """Shared fixtures: random-weight checkpoints written by transformers itself, in every layout.
 
+The session's persistent compilation cache is set up first (:mod:`seggpt_jax_testing.compilation_cache`).
+
 Nothing here is produced by the code under test: transformers builds and saves the models
 (:mod:`seggpt_jax_testing.transformers_harness`, which also keeps the original-BAAI rename list,
 independent of ``seggpt_jax.weights.tables``).
@@ -7,11 +9,15 @@ independent of ``seggpt_jax.weights.tables``).
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-import torch
+from seggpt_jax_testing import compilation_cache
 
-from seggpt_jax_testing.transformers_harness import (  # noqa: F401  (re-exported for the test modules)
+compilation_cache.configure()  # before JAX initialises: the session and every process it starts share it
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from seggpt_jax_testing.transformers_harness import (  # noqa: E402, F401  (re-exported for the test modules)
     TINY_CONFIGS, HFConfig, HFModel, make_hf_model, to_original_names, write_checkpoint)
 
 
