@@ -125,9 +125,10 @@ def session_checkpoint(tmp_path_factory) -> str:
     return str(folder)
 
 
-def session_cache(tmp_path_factory) -> str:
-    """One persistent compilation cache for every server a pytest session starts."""
-    folder = tmp_path_factory.getbasetemp() / "serve-xla"
-    folder.mkdir(exist_ok=True)
-    return str(folder)
+def session_cache(tmp_path_factory=None) -> str:
+    """The session's persistent compilation cache (:mod:`seggpt_jax_testing.compilation_cache`), for a
+    server's ``--compilation-cache``: the one every other process of the session uses."""
+    from .compilation_cache import folder
+
+    return folder()
 

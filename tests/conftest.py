@@ -1,5 +1,7 @@
 """Shared fixtures: random-weight checkpoints written by transformers itself, in every layout.
 
+The session's persistent compilation cache is set up first (:mod:`seggpt_jax_testing.compilation_cache`).
+
 Nothing here is produced by the code under test: transformers builds and saves the models
 (:mod:`seggpt_jax_testing.transformers_harness`, which also keeps the original-BAAI rename list,
 independent of ``seggpt_jax.weights.tables``).
@@ -7,12 +9,28 @@ independent of ``seggpt_jax.weights.tables``).
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-import torch
+from seggpt_jax_testing import compilation_cache
 
-from seggpt_jax_testing.transformers_harness import (  # noqa: F401  (re-exported for the test modules)
+compilation_cache.configure()  # before JAX initialises: the session and every process it starts share it
+
+import os  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from seggpt_jax_testing.transformers_harness import (  # noqa: E402, F401  (re-exported for the test modules)
     TINY_CONFIGS, HFConfig, HFModel, make_hf_model, to_original_names, write_checkpoint)
+
+#: Float32 parity (against transformers on torch's CPU, or between our own code paths) holds to 1e-5 only
+#: with float32 matmuls; the default on a GPU is TF32, on a TPU one bfloat16 pass. There, the session and
+#: every process it starts run float32 matmuls at "highest" unless a model sets its own precision (as
+#: ``precision="highest"`` does); tests of the precision option itself lower under an explicit default.
+PARITY_MATMUL_PRECISION = None if jax.default_backend() == "cpu" else "highest"
+if PARITY_MATMUL_PRECISION:
+    os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = PARITY_MATMUL_PRECISION
+    jax.config.update("jax_default_matmul_precision", PARITY_MATMUL_PRECISION)
 
 
 @pytest.fixture(scope="session")

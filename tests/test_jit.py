@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,12 +69,40 @@ def test_bfloat16_compute_with_float32_parameters():
     assert np.abs(a - b).mean() < 0.02 * np.abs(a).mean() + 1e-3
 
 
+def _lowered_text(model, inputs) -> str:
+    graphdef, state = nnx.split(model)
+    with jax.default_matmul_precision(None):  # the backend's default (conftest sets "highest" off CPU)
+        return jax.jit(lambda s, x: nnx.merge(graphdef, s)(**x).pred_masks).lower(state, inputs).as_text()
+
+
+def _matmul_precisions(text: str) -> list[tuple[str, list[str]]]:
+    """Every dot_general and convolution of a lowered program, with its per-operand precisions
+    (``precision = [HIGHEST, HIGHEST]`` or ``precision_config = [#stablehlo<precision HIGHEST>, ...]``)."""
+    ops = re.findall(r"stablehlo\.(?:dot_general|convolution)\b[^\n]*", text)
+    return [(op, re.findall(r"\b(DEFAULT|HIGH|HIGHEST)\b",
+                            "".join(re.findall(r"precision(?:_config)? = \[([^]]*)\]", op)))) for op in ops]
+
+
 def test_precision_option_is_used():
-    highest = SegGptForImageSegmentation(CONFIG, precision="highest", rngs=nnx.Rngs(0))
-    default = SegGptForImageSegmentation(CONFIG, rngs=nnx.Rngs(0))
+    """``precision="highest"`` reaches every matmul of the lowered program. On CPU both settings run the
+    same float32 arithmetic, so only the program tells them apart (on GPU/TPU the default runs TF32 or
+    bfloat16 passes)."""
     inputs = _inputs(8)
-    np.testing.assert_allclose(np.asarray(highest(**inputs).pred_masks), np.asarray(default(**inputs).pred_masks),
-                               atol=1e-5)
+    highest, default = (_matmul_precisions(_lowered_text(SegGptForImageSegmentation(CONFIG, rngs=nnx.Rngs(0), **kw),
+                                                         inputs))
+                        for kw in (dict(precision="highest"), {}))
+    assert len(highest) == len(default) >= CONFIG.num_hidden_layers * 4  # qkv, attention, projection, MLP
+    assert all(levels == ["HIGHEST", "HIGHEST"] for _, levels in highest), highest
+    assert all(levels in (["DEFAULT", "DEFAULT"], ["HIGHEST", "HIGHEST"]) for _, levels in default), default
+    fixed = [op for op, levels in default if levels == ["HIGHEST", "HIGHEST"]]
+    # HIGHEST whatever the setting: only the position-embedding resize (seggpt_jax.nn.ops), a product with
+    # constant interpolation weights, one per axis
+    assert len(fixed) <= 2 and all("%cst" in op for op in fixed), fixed
+    assert len(default) - len(fixed) >= CONFIG.num_hidden_layers * 4
+    # and the outputs agree (to float32 on CPU; within TF32 rounding of the default elsewhere)
+    outputs = [np.asarray(SegGptForImageSegmentation(CONFIG, rngs=nnx.Rngs(0), **kw)(**inputs).pred_masks)
+               for kw in (dict(precision="highest"), {})]
+    np.testing.assert_allclose(*outputs, atol=1e-5 if jax.default_backend() == "cpu" else 1e-2)
 
 
 def test_inside_jit_and_grad():

@@ -109,9 +109,14 @@ def test_widened_attention_in_bfloat16_is_close():
     assert np.abs(half - reference).mean() < 0.02
 
 
+def _auto_for(backend: str) -> str:
+    """What "auto" means on a backend (the module docstring of seggpt_jax.nn.attention)."""
+    return "chunked" if backend == "cpu" else "flash"
+
+
 def test_auto_picks_per_backend():
-    assert jax.default_backend() == "cpu"
-    assert resolve_impl("auto", jnp.float32) == "chunked" and resolve_impl("plain", jnp.bfloat16) == "plain"
+    assert resolve_impl("auto", jnp.float32) == _auto_for(jax.default_backend())
+    assert resolve_impl("plain", jnp.bfloat16) == "plain"
     with pytest.raises(ValueError, match="attention implementation must be one of"):
         resolve_impl("splash", jnp.float32)
 
@@ -294,9 +299,10 @@ def test_trainer_trains_the_callers_parameters_and_leaves_its_settings_alone():
     ("cpu", jnp.float32, "chunked"), ("cpu", jnp.bfloat16, "chunked"),
     ("cuda", jnp.bfloat16, "flash"), ("gpu", jnp.bfloat16, "flash"), ("tpu", jnp.bfloat16, "flash"),
     ("cuda", jnp.float32, "flash"), ("tpu", jnp.float32, "flash"),  # float32: the kernel at the model's precision
-    (None, jnp.bfloat16, "chunked"),  # None: the default backend (CPU here)
+    (None, jnp.bfloat16, None),  # None: the default backend's choice
 ])
 def test_auto_resolves_per_target_platform_and_dtype(platform, dtype, expected):
+    expected = expected or _auto_for(jax.default_backend())
     assert resolve_impl("auto", dtype, platform) == expected
     for impl in ("plain", "chunked", "flash"):
         assert resolve_impl(impl, dtype, platform) == impl
@@ -321,7 +327,7 @@ def test_runtime_platform_is_validated_and_normalised():
 
 def test_model_lowers_its_target_platforms_kernel():
     """The platform in the settings picks the kernel at trace time, on any host: a TPU model lowered on
-    this CPU machine holds the Mosaic kernel, a default one the chunked path."""
+    any machine holds the Mosaic kernel, a CPU one the chunked path (as a default one on a CPU host)."""
     config = CONFIGS["nonsquare"]
     model = nnx.eval_shape(lambda: SegGptForImageSegmentation(config, rngs=nnx.Rngs(0)))
     inputs, options = prepare(config, *(np.zeros((1, 3, *config.query_size), np.float32),) * 3)
@@ -332,7 +338,13 @@ def test_model_lowers_its_target_platforms_kernel():
 
     tpu = module(model.with_runtime(platform="tpu"), "tpu")
     assert tpu.count("@tpu_custom_call(") == config.num_hidden_layers
-    assert "tpu_custom_call" not in module(model, "cpu")
+    cpu = module(model.with_runtime(platform="cpu"), "cpu")
+    assert "tpu_custom_call" not in cpu and "triton" not in cpu
+    if jax.default_backend() == "cpu":  # a model without a platform: the default backend's (source locations aside)
+        def code(text):
+            return [line for line in text.splitlines() if not line.startswith("#loc")]
+
+        assert code(module(model, "cpu")) == code(cpu)
 
 
 def test_widened_lowers_to_cudnn_on_cuda(monkeypatch):

@@ -11,6 +11,7 @@ import os
 import shutil
 
 import httpx
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -257,7 +258,7 @@ def test_metrics_parse_and_the_batch_histogram_moves(server, files):
 
 def test_info_healthz_and_palette(server):
     info = httpx.get(f"{server.url}/v1/info").json()
-    assert info["ready"] and info["backend"] == "cpu" and info["dtype"] == "float32"
+    assert info["ready"] and info["backend"] == jax.default_backend() and info["dtype"] == "float32"
     assert info["buckets"] == {"1": [1, 2, 4], "2": [1, 2], "3": [1]}
     assert info["max_batch_rows"] == 4 and info["max_wait_ms"] == 30 and info["max_prompts"] == MAX_PROMPTS
     assert info["devices"] and info["query_size"] == [32, 32]
