@@ -104,3 +104,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_processes(commands: list[list[str]], env: dict[str, str], timeout: float = 600) -> list[tuple[str, str]]:
+    """Start every command at once (the processes of one ``jax.distributed`` job), wait for all, and return
+    their (stdout, stderr); a process that fails fails the test with its stderr, and none is left running."""
+    import subprocess
+
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for command in commands]
+    outputs = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=timeout)
+            assert proc.returncode == 0, err[-3000:]
+            outputs.append((out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    return outputs
+
+
+def result_lines(outputs: list[tuple[str, str]]) -> list:
+    """The JSON of every ``RESULT {...}`` line the processes printed."""
+    import json
+
+    return [json.loads(line[len("RESULT "):]) for out, _ in outputs for line in out.splitlines()
+            if line.startswith("RESULT ")]

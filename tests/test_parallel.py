@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import free_port
+from conftest import free_port, result_lines, run_processes
 
 WORKERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers")
 
@@ -33,21 +33,8 @@ def test_sharded_over_eight_devices_equals_one_device():
 
 def test_two_processes_segment_a_global_batch():
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, os.path.join(WORKERS, "distributed.py"), str(port), str(i), "2"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-             for i in range(2)]
-    outputs = []
-    try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=600)
-            assert proc.returncode == 0, err[-3000:]
-            outputs.append(out)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    results = [json.loads(line[len("RESULT "):]) for out in outputs for line in out.splitlines()
-               if line.startswith("RESULT ")]
+    results = result_lines(run_processes(
+        [[sys.executable, os.path.join(WORKERS, "distributed.py"), str(port), str(i), "2"] for i in range(2)], _env()))
     assert sorted(r["process"] for r in results) == [0, 1]
     for r in results:
         assert set(r["errors"]) == {"plain", "ensemble across processes"}

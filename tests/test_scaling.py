@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import free_port
+from conftest import free_port, result_lines, run_processes
 from PIL import Image
 
 from seggpt_jax.cli import main
@@ -198,21 +198,9 @@ def test_two_processes_segment_finetune_tune_and_evaluate_like_one(job, tmp_path
                              text=True, env=env, timeout=300)
         assert one.returncode == 0, one.stderr[-2000:]
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, os.path.join(WORKERS, "distributed_cli.py"), str(port), str(i), "2",
-                               str(work)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for i in range(2)]
-    outputs = []
-    try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=600)
-            assert proc.returncode == 0, err[-3000:]
-            outputs.append((out, err))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    results = [json.loads(line[len("RESULT "):]) for out, _ in outputs for line in out.splitlines()
-               if line.startswith("RESULT ")]
+    outputs = run_processes([[sys.executable, os.path.join(WORKERS, "distributed_cli.py"), str(port), str(i), "2",
+                              str(work)] for i in range(2)], env)
+    results = result_lines(outputs)
     assert sorted(r["process"] for r in results) == [0, 1] and all(r["processes"] == 2 for r in results)
     assert all(r["codes"] == [0, 0, 0, 0] for r in results), results
     # segment: each process wrote its own inputs (its own record file); together, the one-process outputs
