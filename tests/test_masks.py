@@ -167,3 +167,32 @@ def test_datasets_read_masks_by_the_same_rule(tmp_path):
         FolderDataset(root, num_labels=20).validate()
     dataset = FolderDataset(root, num_labels=20, colour_map="voc").validate()
     np.testing.assert_array_equal(dataset.load(dataset[0])[1], np.where(soft[..., 0] > 127, 12, 0))
+
+
+def test_prompt_warnings_read_the_shape_as_the_datasets_and_metrics_do():
+    """A binary prompt is "empty" or "the whole image" exactly when masks.foreground (the targets' and
+    the metrics' reading) finds no pixel or every pixel: one rule for a mask's shape."""
+    import warnings as _warnings
+
+    from seggpt_jax.imaging.masks import MaskWarning
+
+    on = np.zeros((10, 12), np.uint8)
+    on[2:8, 3:9] = 1
+    alpha = np.zeros((10, 12, 4), np.uint8)
+    alpha[..., 3] = on * 255  # the shape only in the alpha channel
+    cases = {
+        "0/1": on, "0/255": on * 255, "anti-aliased": _antialiased_rgb_mask(), "16-bit": Image.fromarray(
+            on.astype(np.uint16) * 65535), "alpha only": Image.fromarray(alpha, "RGBA"),
+        "red": np.where(on[..., None] > 0, np.uint8([200, 0, 0]), np.uint8(0)),
+        "all black": np.zeros((10, 12), np.uint8), "flat white": np.full((10, 12), 255, np.uint8),
+        "everything, two levels": np.where(on > 0, 255, 200).astype(np.uint8),  # not flat, all foreground
+        "dim background, bright shape": np.where(on > 0, 255, 100).astype(np.uint8),
+    }
+    for name, mask in cases.items():
+        shape = foreground(mask)
+        with _warnings.catch_warnings(record=True) as caught:
+            _warnings.simplefilter("always")
+            prompt_picture(mask, what=name)
+        said = " ".join(str(w.message) for w in caught if issubclass(w.category, MaskWarning))
+        assert ("is empty" in said) == (not shape.any()), (name, said)
+        assert ("the whole image" in said) == bool(shape.all()), (name, said)

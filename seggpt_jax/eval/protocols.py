@@ -37,24 +37,25 @@ from ..data.loader import Prefetcher
 from ..data.splits import FSS_SPLITS, HsnetSplits
 from ..imaging.decode import InputError
 from ..nn.inputs import default_embedding_type
-from ..imaging.processor import classes_from_painted, resize_nearest
+from ..imaging.processor import resize_nearest
 from ..inference.ensemble import paint_queries, spatial_prompt
 from ..inference.prompts import Prompt
+from ..inference.results import result_from_painted
 from .metrics import ABSENT_CLASSES, FewShotMeter, confusion_matrix, iou_per_class, mean_iou
 
 FEW_SHOT_PROTOCOLS = ("fss1000", "pascal5i", "coco20i")
 SAMPLINGS = ("hsnet", "all-pairs")
 EVAL_ENSEMBLES = ("original", "transformers", "spatial")
-_BINARY_PALETTE = np.array([[0, 0, 0], [255, 255, 255]], np.float32)
 
 
 # ------------------------------------------------------------------------------------ scoring
 def painted_foreground(painted: np.ndarray, size: tuple[int, int], threshold: float | None = None) -> np.ndarray:
-    """A painted ``[3, h, w]`` answer (``[0, 255]``) -> ``[H, W]`` bool at ``size`` (torch nearest): the
-    nearest of black and white (``threshold=None``, as :meth:`Segmenter.segment`), or mean brightness
-    ``/ 255 > threshold``."""
+    """A painted ``[3, h, w]`` answer (``[0, 255]``) -> ``[H, W]`` bool at ``size`` (torch nearest): with
+    ``threshold=None`` the mask :meth:`Segmenter.segment` returns for it (the one rule,
+    :func:`~seggpt_jax.inference.results.result_from_painted`: the nearest of black and white), else mean
+    brightness ``/ 255 > threshold``."""
     if threshold is None:
-        return classes_from_painted(painted, _BINARY_PALETTE, size)[0] == 1
+        return result_from_painted(painted, size, num_labels=None).mask
     return resize_nearest((painted.mean(axis=0) > np.float32(threshold * 255))[None], size)[0]
 
 

@@ -25,9 +25,13 @@ with the SegGPT palette (:func:`build_palette`). Accepted (see :func:`class_ids`
   ``--colour-map`` on the command line; ``"voc"`` is the PASCAL VOC colour table). Unknown colours
   are an error naming the first of them, never a silent guess.
 
-**Foreground** of a binary mask as a target (datasets, metrics; :func:`foreground`): pixels at least
-half as bright as the mask's brightest pixel (brightness = the largest channel). So 0/1, 0/255,
-16-bit, anti-aliased and coloured masks all read as the shape they draw.
+**Foreground** of a binary mask (:func:`foreground`): pixels at least half as bright as the mask's
+brightest pixel (brightness = the largest channel). So 0/1, 0/255, 16-bit, anti-aliased and coloured
+masks all read as the shape they draw. It is the one reading of a mask as a shape: dataset targets,
+the metrics, and the prompt warnings (a prompt is "empty" or "the whole image" by it) use it; the
+model itself is fed the prompt's picture, as above. HSNet's FSS-1000 protocol keeps HSNet's own rule
+(grey >= 128) for comparable numbers. A painted answer is read by one rule too, the nearest of black
+and white (:func:`seggpt_jax.inference.results.result_from_painted`), in inference and in the metrics.
 """
 
 from __future__ import annotations
@@ -406,15 +410,16 @@ _NUM_LABELS_HINT = "if its values are class ids, pass num_labels (--num-labels o
 
 def binary_prompt_problems(mask: Any, picture: np.ndarray) -> list[str]:
     """Why a binary prompt mask would probably be misread, as phrases that follow its name (none: [])."""
-    brightness = picture.max(axis=-1) if picture.size else picture
     if not picture.size:
         return []
-    top = int(brightness.max())
-    if top == 0:
+    top = int(picture.max())
+    marked = _foreground_of_picture(picture)  # what the datasets and the metrics would read as its shape
+    if not marked.any():
         return ["is empty (all black): the prompt marks nothing to segment"]
-    flat = picture.reshape(-1, 3)
-    if np.all(flat == flat[0]):
-        return [f"is one flat level ({top}) everywhere: the prompt marks the whole image"]
+    if marked.all():
+        flat = picture.reshape(-1, 3)
+        level = f"one flat level ({top})" if np.all(flat == flat[0]) else "foreground"
+        return [f"is {level} everywhere: the prompt marks the whole image"]
     if isinstance(mask, Image.Image) and mask.mode in ("P", "PA") and alpha_only(mask) is None:
         used = np.unique(np.asarray(mask.convert("P") if mask.mode == "PA" else mask))
         if len(used) > 2:
@@ -428,8 +433,16 @@ def binary_prompt_problems(mask: Any, picture: np.ndarray) -> list[str]:
 
 
 def foreground(mask: Any, *, what: str = "mask") -> np.ndarray:
-    """A binary mask as a target: ``[H, W]`` bool, pixels at least half as bright as the brightest."""
-    brightness = binary_picture(mask, what=what).max(axis=-1)
+    """A binary mask's foreground: ``[H, W]`` bool, pixels at least half as bright as the brightest.
+
+    The one reading of a binary mask as a shape: dataset and benchmark targets (bar HSNet's own rule
+    for FSS-1000), the metrics, and the prompt warnings (:func:`binary_prompt_problems`: empty, or
+    everything) all use it."""
+    return _foreground_of_picture(binary_picture(mask, what=what))
+
+
+def _foreground_of_picture(picture: np.ndarray) -> np.ndarray:
+    brightness = picture.max(axis=-1)
     top = int(brightness.max(initial=0))
     if top == 0:
         return np.zeros(brightness.shape, dtype=bool)
