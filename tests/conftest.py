@@ -132,3 +132,16 @@ def result_lines(outputs: list[tuple[str, str]]) -> list:
 
     return [json.loads(line[len("RESULT "):]) for out, _ in outputs for line in out.splitlines()
             if line.startswith("RESULT ")]
+
+
+#: The test files that take longest (serial seconds on 2 cores, `--durations`, 2026-12-03), run first: with
+#: `-n 2 --dist loadfile` each file goes to one worker in collection order, so a long file collected last
+#: would leave one worker running it alone at the end. Order only; every test still runs.
+LONG_FILES = ("test_training.py", "test_runtime.py", "test_data_parallel.py", "test_parity_vit_large.py",
+              "test_scaling.py", "test_parallel.py", "test_export_transformers.py", "test_examples.py",
+              "test_train_memory.py", "test_trust.py", "test_scan_layers.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: a file's own order is kept
