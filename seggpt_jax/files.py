@@ -305,6 +305,15 @@ def _current(records: list[Record] | None, path: str) -> Record | None:
     return None
 
 
+def stops_every_write(error: BaseException) -> bool:
+    """A file-system error that will hit every later output too (disk full, quota, read-only, no
+    permission): a run stops on it, where any other error fails only the input at hand."""
+    import errno
+
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES,
+                                                          errno.EPERM)
+
+
 def written_by_us(path: str | os.PathLike, _cache: dict | None = None) -> bool:
     """Whether ``path`` is a file this tool wrote (recorded in its folder's record, unchanged since)."""
     path = os.path.abspath(os.fspath(path))

@@ -97,6 +97,14 @@ def moving_square_clip(frames: int, size: tuple[int, int], step: int, seed: int 
     return clip, mask
 
 
+def save_image(path, array, mode=None) -> str:
+    """Write an array as an image file (its format from the name; ``mode``: PIL's) and return its path."""
+    from PIL import Image
+
+    Image.fromarray(array, mode=mode).save(path)
+    return str(path)
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now (for loopback servers and coordinators)."""
     import socket

@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import moving_square_clip
+from conftest import moving_square_clip, save_image
 from PIL import Image
 
 from seggpt_jax.cli import main
@@ -20,11 +20,6 @@ from seggpt_jax.cli import main
 CONSOLE_SCRIPT = os.path.join(os.path.dirname(sys.executable), "seggpt-jax")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(REPO, "examples")
-
-
-def _save(path, array, mode=None):
-    Image.fromarray(array, mode=mode).save(path)
-    return str(path)
 
 
 @pytest.fixture
@@ -35,13 +30,13 @@ def workspace(hf_tiny, tmp_path):
     photos.mkdir()
     sizes = [(40, 60), (75, 31), (23, 23), (100, 80), (12, 90)]
     for i, (h, w) in enumerate(sizes):
-        _save(photos / f"img{i}.jpg", rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-    prompt = _save(tmp_path / "prompt.png", rng.integers(0, 256, (50, 50, 3), dtype=np.uint8))
+        save_image(photos / f"img{i}.jpg", rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    prompt = save_image(tmp_path / "prompt.png", rng.integers(0, 256, (50, 50, 3), dtype=np.uint8))
     mask = np.zeros((50, 50), np.uint8)
     mask[10:30, 15:40] = 255
-    binary_mask = _save(tmp_path / "prompt_mask.png", mask, "L")
+    binary_mask = save_image(tmp_path / "prompt_mask.png", mask, "L")
     labels = rng.integers(0, 4, (50, 50)).astype(np.uint8)
-    label_mask = _save(tmp_path / "prompt_labels.png", labels, "L")
+    label_mask = save_image(tmp_path / "prompt_labels.png", labels, "L")
     return dict(model=model, photos=str(photos), sizes=sizes, prompt=prompt, mask=binary_mask, labels=label_mask,
                 out=str(tmp_path / "out"), tmp=tmp_path)
 
@@ -131,7 +126,7 @@ def test_outputs_respect_the_umask(workspace):
 def test_rerun_into_the_input_folder_skips_its_own_outputs_and_never_replaces_other_files(workspace, capsys):
     w = workspace
     photos = w["photos"]
-    _save(os.path.join(photos, "img0.jpg_overlay.png"), np.zeros((5, 5, 3), np.uint8))  # the user's file, same name
+    save_image(os.path.join(photos, "img0.jpg_overlay.png"), np.zeros((5, 5, 3), np.uint8))  # the user's file, same name
     assert _segment(w, out=photos) == 1
     out = capsys.readouterr().out
     assert "segmented 5 of 6 images" in out and "img0.jpg_overlay.png exists and was not written by seggpt-jax" in out
@@ -190,7 +185,7 @@ def test_binary_prompt_mask_levels_reach_the_model_as_given(workspace, monkeypat
     mask[10:30, 15:40] = 255
     mask[9, 15:40] = 62  # anti-aliased edge
     mask[30, 15:40] = (4, 59, 126)
-    soft = _save(w["tmp"] / "soft.png", mask)
+    soft = save_image(w["tmp"] / "soft.png", mask)
     seen = []
     real = prompts_module.prompt_picture
     monkeypatch.setattr(prompts_module, "prompt_picture", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
@@ -230,7 +225,7 @@ def test_segment_errors_are_one_line_before_the_model_loads(workspace, capsys, c
     elif case == "missing prompt":
         prompt = ["--prompt-image", "nowhere.png", "--prompt-mask", w["mask"]]
     elif case == "labels above num_labels":
-        prompt[-1] = _save(tmp / "big.png", np.full((50, 50), 5, np.uint8), "L")
+        prompt[-1] = save_image(tmp / "big.png", np.full((50, 50), 5, np.uint8), "L")
         extra = ["--num-labels", "2"]
     elif case == "out-dir is a file":
         out = str(tmp / "OUT")
@@ -247,7 +242,7 @@ def test_segment_errors_are_one_line_before_the_model_loads(workspace, capsys, c
     elif case == "voc-coloured mask":
         voc = np.zeros((50, 50, 3), np.uint8)
         voc[10:30, 10:30] = (192, 128, 128)  # VOC's "person"
-        prompt[-1] = _save(tmp / "voc.png", voc)
+        prompt[-1] = save_image(tmp / "voc.png", voc)
         extra = ["--num-labels", "3"]
     code = _segment(w, *extra, inputs=inputs, prompt=prompt, out=out)
     err = capsys.readouterr().err
@@ -264,7 +259,7 @@ def test_a_voc_coloured_mask_is_read_through_an_explicit_colour_map(workspace, c
     voc = np.zeros((50, 50, 3), np.uint8)
     voc[10:30, 10:30] = (192, 128, 128)  # VOC class 15, "person"
     voc[35:45, 5:45] = (224, 224, 192)  # the void border: background
-    path = _save(w["tmp"] / "voc.png", voc)
+    path = save_image(w["tmp"] / "voc.png", voc)
     colours = w["tmp"] / "colours.json"
     colours.write_text('{"192,128,128": 1, "#E0E0C0": 0, "0,0,0": 0}')
     for spec in (str(colours), "voc"):
@@ -308,7 +303,7 @@ def test_segment_warns_for_a_mask_of_another_size(workspace, capsys):
     w = workspace
     small = np.zeros((20, 30), np.uint8)
     small[5:15, 10:20] = 255
-    other = _save(w["tmp"] / "small_mask.png", small, "L")
+    other = save_image(w["tmp"] / "small_mask.png", small, "L")
     code = _segment(w, inputs=[os.path.join(w["photos"], "img0.jpg")],
                     prompt=["--prompt-image", w["prompt"], "--prompt-mask", other])
     err = capsys.readouterr().err
@@ -334,8 +329,8 @@ def test_offline_without_weights_fails_in_one_line(workspace, tmp_path):
 # ------------------------------------------------------------------------------------ video
 def _clip_files(tmp_path, frames=5):
     images, mask = moving_square_clip(frames, (40, 56), step=5, seed=1)
-    first_mask = _save(tmp_path / "first_mask.png", mask.astype(np.uint8) * 255, "L")
-    return images, _save(tmp_path / "first.png", images[0]), first_mask
+    first_mask = save_image(tmp_path / "first_mask.png", mask.astype(np.uint8) * 255, "L")
+    return images, save_image(tmp_path / "first.png", images[0]), first_mask
 
 
 def _write_mp4(path, frames, rate=5):
@@ -358,7 +353,7 @@ def test_video_command(hf_tiny, tmp_path, capsys, container):
         source = tmp_path / "frames_in"
         source.mkdir()
         for t, frame in enumerate(images):
-            _save(source / f"f{t:03d}.png", frame)
+            save_image(source / f"f{t:03d}.png", frame)
     elif container == "mp4":
         source = tmp_path / "clip.mp4"
         _write_mp4(source, images)

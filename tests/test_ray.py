@@ -11,15 +11,10 @@ import time
 
 import numpy as np
 import pytest
-from conftest import free_port
+from conftest import free_port, save_image
 from PIL import Image
 
 ray = pytest.importorskip("ray", reason="the ray extra (ray[serve,data]) is not installed")
-
-
-def _save(path, array, mode=None):
-    Image.fromarray(array, mode=mode).save(path)
-    return str(path)
 
 
 
@@ -42,15 +37,15 @@ def files(hf_tiny, tmp_path_factory):
     photos = root / "photos"
     photos.mkdir()
     for i in range(5):
-        _save(photos / f"q{i}.png", rng.integers(0, 256, (30 + 5 * i, 40, 3), dtype=np.uint8))
+        save_image(photos / f"q{i}.png", rng.integers(0, 256, (30 + 5 * i, 40, 3), dtype=np.uint8))
     prompts = []
     for i in range(2):
         mask = np.zeros((50, 50), np.uint8)
         mask[5 + 10 * i:30, 10:40 - 5 * i] = 255
-        prompts.append((_save(root / f"prompt{i}.png", rng.integers(0, 256, (50, 50, 3), dtype=np.uint8)),
-                        _save(root / f"prompt{i}_mask.png", mask, "L")))
+        prompts.append((save_image(root / f"prompt{i}.png", rng.integers(0, 256, (50, 50, 3), dtype=np.uint8)),
+                        save_image(root / f"prompt{i}_mask.png", mask, "L")))
     labels = rng.integers(0, 3, (50, 50)).astype(np.uint8)
-    return dict(model=model, photos=photos, prompts=prompts, labels=_save(root / "labels.png", labels, "L"),
+    return dict(model=model, photos=photos, prompts=prompts, labels=save_image(root / "labels.png", labels, "L"),
                 root=root)
 
 

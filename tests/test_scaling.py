@@ -14,18 +14,12 @@ import time
 
 import numpy as np
 import pytest
-from conftest import free_port, result_lines, run_processes
-from PIL import Image
+from conftest import free_port, result_lines, run_processes, save_image
 
 from seggpt_jax.cli import main
 
 CONSOLE_SCRIPT = os.path.join(os.path.dirname(sys.executable), "seggpt-jax")
 WORKERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers")
-
-
-def _save(path, array, mode=None):
-    Image.fromarray(array, mode=mode).save(path)
-    return str(path)
 
 
 @pytest.fixture
@@ -37,17 +31,17 @@ def job(hf_tiny, tmp_path):
     more = tmp_path / "more"
     more.mkdir()
     for i in range(7):
-        _save(photos / f"p{i}.jpg", rng.integers(0, 256, (30 + 4 * i, 40, 3), dtype=np.uint8))
+        save_image(photos / f"p{i}.jpg", rng.integers(0, 256, (30 + 4 * i, 40, 3), dtype=np.uint8))
     for i in range(4):
-        _save(more / f"m{i}.png", rng.integers(0, 256, (25, 30 + 5 * i, 3), dtype=np.uint8))
-    _save(tmp_path / "single.png", rng.integers(0, 256, (33, 21, 3), dtype=np.uint8))
-    prompt = _save(tmp_path / "prompt.png", rng.integers(0, 256, (50, 50, 3), dtype=np.uint8))
+        save_image(more / f"m{i}.png", rng.integers(0, 256, (25, 30 + 5 * i, 3), dtype=np.uint8))
+    save_image(tmp_path / "single.png", rng.integers(0, 256, (33, 21, 3), dtype=np.uint8))
+    prompt = save_image(tmp_path / "prompt.png", rng.integers(0, 256, (50, 50, 3), dtype=np.uint8))
     mask = np.zeros((50, 50), np.uint8)
     mask[10:30, 15:40] = 255
     listing = tmp_path / "inputs.txt"
     listing.write_text(f"# a job list\n{photos}/*.jpg\n\n{more}\n{tmp_path / 'single.png'}\n{tmp_path / 'gone.png'}\n")
     return dict(model=model, photos=str(photos), list=str(listing), prompt=prompt,
-                mask=_save(tmp_path / "prompt_mask.png", mask, "L"), tmp=tmp_path, count=12)
+                mask=save_image(tmp_path / "prompt_mask.png", mask, "L"), tmp=tmp_path, count=12)
 
 
 def _args(j, out, *extra):
@@ -119,7 +113,7 @@ def test_sigint_mid_run_then_a_rerun_redoes_only_what_was_not_finished(job, tmp_
     big.mkdir()
     rng = np.random.default_rng(9)
     for i in range(40):
-        _save(big / f"b{i:02d}.png", rng.integers(0, 256, (60 + i, 50, 3), dtype=np.uint8))
+        save_image(big / f"b{i:02d}.png", rng.integers(0, 256, (60 + i, 50, 3), dtype=np.uint8))
     listing = tmp_path / "big.txt"
     listing.write_text(f"{big}\n")
     j = dict(job, list=str(listing))
@@ -156,16 +150,16 @@ def _finetune_data(root, rng):
     os.makedirs(root / "images")
     os.makedirs(root / "masks")
     for i in range(6):
-        _save(root / "images" / f"{i}.png", rng.integers(0, 256, (36, 30, 3), dtype=np.uint8))
-        _save(root / "masks" / f"{i}.png", (rng.random((36, 30)) > 0.5).astype(np.uint8) * 255, "L")
+        save_image(root / "images" / f"{i}.png", rng.integers(0, 256, (36, 30, 3), dtype=np.uint8))
+        save_image(root / "masks" / f"{i}.png", (rng.random((36, 30)) > 0.5).astype(np.uint8) * 255, "L")
 
 
 def _fss_data(root, rng):
     for name in ("cat", "dog"):
         os.makedirs(root / name)
         for i in range(1, 4):
-            _save(root / name / f"{i}.jpg", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
-            _save(root / name / f"{i}.png", (rng.random((32, 32)) > 0.5).astype(np.uint8) * 255, "L")
+            save_image(root / name / f"{i}.jpg", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+            save_image(root / name / f"{i}.png", (rng.random((32, 32)) > 0.5).astype(np.uint8) * 255, "L")
 
 
 def test_two_processes_segment_finetune_tune_and_evaluate_like_one(job, tmp_path):

@@ -15,6 +15,7 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import save_image
 from PIL import Image
 
 from seggpt_jax.cli import main
@@ -24,11 +25,6 @@ from seggpt_jax_testing.synthetic import write_synthetic_fss, write_synthetic_fo
 
 CONSOLE_SCRIPT = os.path.join(os.path.dirname(sys.executable), "seggpt-jax")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _save(path, array, mode=None):
-    Image.fromarray(array, mode=mode).save(path)
-    return str(path)
 
 
 def _files(folder):
@@ -47,10 +43,10 @@ def _error_lines(err):
 def w(hf_tiny, tmp_path):
     _, model = hf_tiny("nonsquare")
     rng = np.random.default_rng(3)
-    prompt = _save(tmp_path / "prompt.png", rng.integers(0, 256, (50, 50, 3), dtype=np.uint8))
+    prompt = save_image(tmp_path / "prompt.png", rng.integers(0, 256, (50, 50, 3), dtype=np.uint8))
     mask = np.zeros((50, 50), np.uint8)
     mask[10:30, 15:40] = 255
-    return dict(model=model, prompt=prompt, mask=_save(tmp_path / "prompt_mask.png", mask, "L"), tmp=tmp_path,
+    return dict(model=model, prompt=prompt, mask=save_image(tmp_path / "prompt_mask.png", mask, "L"), tmp=tmp_path,
                 rng=rng, out=str(tmp_path / "out"))
 
 
@@ -64,7 +60,7 @@ def test_inputs_that_share_a_stem_get_their_own_outputs(w, capsys):
     photos = w["tmp"] / "photos"
     photos.mkdir()
     for name in ("x.jpg", "x.png", "x-2.jpg"):
-        _save(photos / name, w["rng"].integers(0, 256, (30 + len(name), 40, 3), dtype=np.uint8))
+        save_image(photos / name, w["rng"].integers(0, 256, (30 + len(name), 40, 3), dtype=np.uint8))
     for extra in ([], ["--overwrite"]):
         assert _segment(w, [str(photos)], *extra) == 0, capsys.readouterr().err
         out = capsys.readouterr().out
@@ -82,7 +78,7 @@ def test_inputs_that_share_a_stem_get_their_own_outputs(w, capsys):
 def test_inputs_of_the_same_name_from_two_folders_are_refused_before_any_work(w, capsys):
     for folder in ("a", "b"):
         (w["tmp"] / folder).mkdir()
-        _save(w["tmp"] / folder / "x.jpg", w["rng"].integers(0, 256, (20, 20, 3), dtype=np.uint8))
+        save_image(w["tmp"] / folder / "x.jpg", w["rng"].integers(0, 256, (20, 20, 3), dtype=np.uint8))
     assert _segment(w, [str(w["tmp"] / "a"), str(w["tmp"] / "b")]) == 1
     err = capsys.readouterr().err
     lines = _error_lines(err)
@@ -94,7 +90,7 @@ def test_video_frames_that_share_a_stem_get_their_own_masks(w, capsys):
     frames = w["tmp"] / "frames"
     frames.mkdir()
     for name in ("f1.png", "f1.jpg", "f2.png"):
-        _save(frames / name, w["rng"].integers(0, 256, (40, 56, 3), dtype=np.uint8))
+        save_image(frames / name, w["rng"].integers(0, 256, (40, 56, 3), dtype=np.uint8))
     for extra in ([], ["--overwrite"]):
         code = main(["video", str(frames), "--prompt-mask", w["mask"], "--out-dir", w["out"], "--overlay", "gif",
                      "--context-frames", "1", "--model", w["model"], *extra])
@@ -223,10 +219,10 @@ def test_prompts_that_would_be_misread_are_warned_about():
 
 
 def test_the_command_line_says_so_once_before_the_model_loads(w, capsys):
-    photo = _save(w["tmp"] / "q.jpg", w["rng"].integers(0, 256, (30, 30, 3), dtype=np.uint8))
+    photo = save_image(w["tmp"] / "q.jpg", w["rng"].integers(0, 256, (30, 30, 3), dtype=np.uint8))
     classes = np.zeros((50, 50), np.uint8)
     classes[5:20, 5:20], classes[25:45, 25:45] = 1, 2
-    w["mask"] = _save(w["tmp"] / "classes.png", classes, "L")
+    w["mask"] = save_image(w["tmp"] / "classes.png", classes, "L")
     assert _segment(w, [photo]) == 0
     err = capsys.readouterr().err
     warned = [line for line in err.splitlines() if "warning:" in line]
@@ -243,7 +239,7 @@ def test_a_learned_prompt_is_used_only_in_its_own_mode(hf_tiny, tmp_path, capsys
     prompt = LearnedPrompt(np.zeros((1, 3, *size)), np.zeros((1, 3, *size)), {"num_labels": None})
     path = str(tmp_path / "binary.safetensors")
     prompt.save(path)
-    photo = _save(tmp_path / "q.jpg", np.zeros((30, 30, 3), np.uint8))
+    photo = save_image(tmp_path / "q.jpg", np.zeros((30, 30, 3), np.uint8))
     code = main(["segment", photo, "--learned-prompt", path, "--num-labels", "3", "--model", model, "--out-dir",
                  str(tmp_path / "o")])
     err = capsys.readouterr().err
@@ -263,6 +259,7 @@ def test_trainable_that_matches_nothing_is_refused_naming_the_paths(hf_tiny, tmp
     data = write_synthetic_fss(tmp_path / "fss", 2, colours=("red",), size=(32, 32))
     code = main(["finetune", data, "--data-layout", "fss1000", "--model", model, "--out-dir", str(tmp_path / "run"),
                  "--steps", "1", "--trainable", "encoder\\.blocks"])
+    assert code == 1
     err = capsys.readouterr().err
     (line,) = _error_lines(err)
     assert "'encoder\\\\.blocks' selects no parameter" in line and "model.encoder.layers.0.attention.qkv.kernel" in line
@@ -272,7 +269,7 @@ def test_trainable_that_matches_nothing_is_refused_naming_the_paths(hf_tiny, tmp
 # ------------------------------------------------------------------------------------ fail early, exit cleanly
 @pytest.mark.parametrize("case", ["under a file", "under /proc", "empty", "cache under /proc", "-o under /proc"])
 def test_unwritable_output_locations_fail_before_the_model_loads(w, capsys, case):
-    photo = _save(w["tmp"] / "q.jpg", np.zeros((20, 20, 3), np.uint8))
+    photo = save_image(w["tmp"] / "q.jpg", np.zeros((20, 20, 3), np.uint8))
     (w["tmp"] / "file").write_text("x")
     if case == "-o under /proc":
         data = write_synthetic_folder(w["tmp"] / "d", 2, size=(32, 32))
@@ -303,8 +300,8 @@ def test_an_mp4_without_a_video_stream_is_one_line(w, capsys):
 
 
 def test_images_over_the_pixel_limit_are_refused_from_the_header(w, capsys):
-    photo = _save(w["tmp"] / "wide.png", np.zeros((10, 300, 3), np.uint8))
-    small = _save(w["tmp"] / "small.png", np.zeros((10, 10, 3), np.uint8))
+    photo = save_image(w["tmp"] / "wide.png", np.zeros((10, 300, 3), np.uint8))
+    small = save_image(w["tmp"] / "small.png", np.zeros((10, 10, 3), np.uint8))
     assert _segment(w, [photo, small], "--max-pixels", "1000") == 1
     out = capsys.readouterr().out
     assert "wide.png is 300x10 (0 megapixels), over the limit of 0.001 megapixels (--max-pixels)" in out
@@ -337,7 +334,7 @@ def test_a_12000_pixel_square_query_stays_within_its_documented_memory(w):
 
     size = 12000
     assert size * size <= DEFAULT_MAX_PIXELS
-    small = _save(w["tmp"] / "small.png", np.zeros((30, 30, 3), np.uint8))
+    small = save_image(w["tmp"] / "small.png", np.zeros((30, 30, 3), np.uint8))
     result = subprocess.run([sys.executable, "-c", BIG_QUERY, str(size), str(w["tmp"] / "big.png"), small, w["out"],
                              "--prompt-image", w["prompt"], "--prompt-mask", w["mask"], "--model", w["model"]],
                             capture_output=True, text=True, timeout=600, cwd=REPO)
@@ -362,7 +359,7 @@ def test_ctrl_c_at_any_moment_exits_130_never_abort(w, tmp_path):
     photos = tmp_path / "many"
     photos.mkdir()
     for i in range(6):
-        _save(photos / f"{i}.png", w["rng"].integers(0, 256, (40, 40, 3), dtype=np.uint8))
+        save_image(photos / f"{i}.png", w["rng"].integers(0, 256, (40, 40, 3), dtype=np.uint8))
     random.seed(0)
     codes = []
     for wave in range(5):
@@ -390,7 +387,7 @@ def test_a_truncated_weight_file_is_one_line_and_a_clean_exit(w, tmp_path):
     for name in os.listdir(w["model"]):
         data = open(os.path.join(w["model"], name), "rb").read()
         (broken / name).write_bytes(data[: len(data) // 2] if name.endswith(".safetensors") else data)
-    photo = _save(tmp_path / "q.jpg", np.zeros((20, 20, 3), np.uint8))
+    photo = save_image(tmp_path / "q.jpg", np.zeros((20, 20, 3), np.uint8))
     for attempt in range(3):
         proc = _console(["segment", photo, "--prompt-image", w["prompt"], "--prompt-mask", w["mask"], "--out-dir",
                          str(tmp_path / f"o{attempt}"), "--model", str(broken)])
@@ -410,7 +407,7 @@ def test_interrupted_runs_resume_to_exactly_one_uninterrupted_run(w, tmp_path, c
     photos.mkdir()
     names = [f"{i:02d}.png" for i in range(8)]
     for i, name in enumerate(names):
-        _save(photos / name, w["rng"].integers(0, 256, (20 + 3 * i, 30, 3), dtype=np.uint8))
+        save_image(photos / name, w["rng"].integers(0, 256, (20 + 3 * i, 30, 3), dtype=np.uint8))
     reference = str(tmp_path / "reference")
     start = time.perf_counter()
     assert _segment(w, [str(photos)], out=reference) == 0
@@ -453,7 +450,7 @@ def test_a_rerun_completes_half_written_pairs_and_refuses_other_settings(w, tmp_
     photos = tmp_path / "photos"
     photos.mkdir()
     for i in range(3):
-        _save(photos / f"{i}.png", w["rng"].integers(0, 256, (24, 24, 3), dtype=np.uint8))
+        save_image(photos / f"{i}.png", w["rng"].integers(0, 256, (24, 24, 3), dtype=np.uint8))
     assert _segment(w, [str(photos)]) == 0
     expected = _digests(w["out"])
     os.remove(os.path.join(w["out"], "1.png_overlay.png"))  # as if stopped between the two writes

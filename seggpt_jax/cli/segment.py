@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import errno
 import hashlib
 import itertools
 import json
@@ -291,10 +290,6 @@ def _ours(path: str) -> bool:
     return written_by_us(path)
 
 
-def _fatal(error: OSError) -> bool:
-    """File-system errors that will hit every later output too: stop instead of failing each one."""
-    return error.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM)
-
 
 def _plan(folder, name: str, source: tuple, suffixes: Sequence[str]) -> tuple[str, Any]:
     """What a run does with one input: ``("skip", None)`` (done earlier), ``("fail", message)`` (an output
@@ -359,7 +354,7 @@ def _worker_shard(args: argparse.Namespace) -> tuple[tuple[int, int] | None, boo
 
 
 def run_segment(args: argparse.Namespace) -> int:
-    from ..files import OutputFolder, file_stamp
+    from ..files import OutputFolder, file_stamp, stops_every_write
 
     if not args.inputs and not args.inputs_from:
         raise UserError("give the input images (INPUT arguments, or --inputs-from LIST)")
@@ -408,7 +403,7 @@ def run_segment(args: argparse.Namespace) -> int:
                 yield path, name, detail, source
 
     pending = sum(1 for _ in work())  # counts only: nothing is kept
-    planned_failures, planned_skips = dict(failures), skipped
+    planned_skips = skipped
     if total == 0 and not lockstep:
         raise UserError("no input images given" if not shard else
                         f"shard {shard[0]}/{shard[1]} holds none of the inputs")
@@ -449,7 +444,7 @@ def run_segment(args: argparse.Namespace) -> int:
                 else:
                     failures[path] = outcome.message
         except OSError as e:
-            if not _fatal(e):
+            if not stops_every_write(e):
                 raise
             bar.close()  # (every write had ended when the pipeline stopped)
             print(f"stopped after {completed.count} of {plural(pending, 'image')}; wrote "
@@ -470,10 +465,6 @@ def run_segment(args: argparse.Namespace) -> int:
     speed = f"{segmented / seconds:.2f} images/s" if seconds > 0 and segmented else "no image segmented"
     print(f"summary: {done} done ({segmented} segmented, {skipped} skipped), {len(failures)} failed; {speed}")
     return report_failures(failures, "input")
-
-
-class _Failed(Exception):
-    """An input that could not be segmented (its message names it)."""
 
 
 class _Counter:

@@ -27,7 +27,9 @@ from typing import Any
 import numpy as np
 
 from .. import parallel
+from ..files import stops_every_write
 from ..imaging.decode import InputError, to_rgb_uint8
+from ..nn.inputs import default_embedding_type
 from .results import InputFailure, SegmentationResult
 
 #: Decoded pictures up to this many pixels are kept for ``write`` (an overlay needs them); larger ones
@@ -63,13 +65,14 @@ def run_pipeline(segmenter, items: Iterable[Any], prompts: Any, *,
         write: ``write(item, result, picture)`` on a pool thread: the query's
             :class:`~seggpt_jax.SegmentationResult` and its decoded ``[H, W, 3]`` picture (``None`` when it
             was not kept); its return value is the outcome. An ``InputError`` or ``OSError`` it raises
-            becomes the item's :class:`~seggpt_jax.InputFailure`; anything else stops the run.
+            becomes the item's :class:`~seggpt_jax.InputFailure`, unless it would hit every later write too
+            (:func:`~seggpt_jax.files.stops_every_write`: disk full, read-only, no permission); that, and
+            anything else, stops the run.
         keep_picture: keep the decoded picture for ``write`` (up to :data:`KEEP_PICTURE_PIXELS`).
         lockstep: every process of a ``jax.distributed`` job calls this with its own items; the forwards
             run together, padded to full batches.
     """
-    binary = num_labels is None
-    instance = (embedding_type or ("instance" if binary else "semantic")) == "instance"
+    instance = (embedding_type or default_embedding_type(num_labels)) == "instance"
     prepared = segmenter.prepare_prompts(prompts, num_labels=num_labels, colour_map=colour_map)
     count = len(prepared)
     per_batch = segmenter.queries_per_batch(count)
@@ -91,7 +94,7 @@ def run_pipeline(segmenter, items: Iterable[Any], prompts: Any, *,
         try:
             return write(decoded.item, result, decoded.picture)
         except (InputError, OSError) as e:
-            if _fatal(e):
+            if stops_every_write(e):
                 raise
             return InputFailure(-1, path(decoded.item), str(e))
 
@@ -162,11 +165,3 @@ def run_pipeline(segmenter, items: Iterable[Any], prompts: Any, *,
 
 _END = object()
 
-
-def _fatal(error: BaseException) -> bool:
-    """File-system errors that will hit every later output too (disk full, read-only, no permission): they
-    stop the run."""
-    import errno
-
-    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES,
-                                                          errno.EPERM)
