@@ -290,6 +290,15 @@ class DataParallel:
     def processes(self) -> int:
         return jax.process_count() if self.active else 1
 
+    def process_rows(self, batch_size: int) -> range | None:
+        """This process's rows of a global batch of ``batch_size`` (an equal share per process, in process
+        order); ``None`` in a single process (every row)."""
+        processes = self.processes
+        if processes == 1:
+            return None
+        per = batch_size // processes
+        return range(jax.process_index() * per, (jax.process_index() + 1) * per)
+
     def describe(self) -> str:
         kind = self.devices[0].platform
         where = f" in {self.processes} processes" if self.processes > 1 else ""

@@ -261,9 +261,7 @@ def tune_prompt(model, dataset: Dataset, config: PromptTuningConfig = PromptTuni
     losses = LossLog(config.log_every, config.steps)
     meta = dict(prompt.metadata, num_labels=dataset.num_labels, embedding_type="instance" if instance else "semantic",
                 tune=config.tune, learning_rate=config.learning_rate)
-    processes = data_parallel.processes
-    per = config.batch_size // processes
-    rows = range(jax.process_index() * per, (jax.process_index() + 1) * per) if processes > 1 else None
+    rows = data_parallel.process_rows(config.batch_size)
     for index, batch in enumerate(Prefetcher(lambda s: batches(s, rows), start_step, config.steps)):
         with data_parallel.context():
             params, opt_state, loss = step(params, opt_state, state, data_parallel.shard(**batch))

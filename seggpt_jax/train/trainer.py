@@ -452,11 +452,9 @@ class Trainer:
 
     def local_batch(self, step: int) -> dict:
         """This process's rows of the step's batch (all of it in a single process)."""
-        processes = self.parallel.processes
-        if processes == 1:
+        rows = self.parallel.process_rows(self.config.batch_size)
+        if rows is None:
             return self.batches(step)
-        per = self.config.batch_size // processes
-        rows = range(_process_index() * per, (_process_index() + 1) * per)
         try:
             return self.batches(step, rows)
         except TypeError:  # a batches function of one argument: take our rows of the whole batch
