@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from seggpt_jax import ModelNotFoundError
-from seggpt_jax.imaging.processor import SegGptImageProcessor, build_palette
+from seggpt_jax.imaging.processor import SegGptImageProcessor, build_palette, nearest_colours
 
 try:
     from transformers import SegGptImageProcessorPil as HFProcessor
@@ -235,6 +235,26 @@ def test_post_processing_matches_transformers(num_labels, sizes):
             assert res["segmentation_scores"] is None
         else:
             np.testing.assert_array_equal(res["segmentation_scores"], ref["segmentation_scores"].numpy())
+
+
+def test_nearest_colours_is_torchs_arithmetic_ties_included():
+    """Each colour's float32 ``(dr^2 + dg^2) + db^2`` and the first of equal distances, as transformers'
+    ``pow(pred - palette, 2).sum(-1).argmin(-1)``: on random pixels, on pixels half-way between two
+    palette colours (exact ties) and on the colours themselves."""
+    palette = np.asarray(build_palette(20), np.float32)
+    rng = np.random.default_rng(0)
+    random = rng.uniform(-20, 275, (3, 30, 40)).astype(np.float32)
+    pairs = rng.integers(0, len(palette), (2, 30, 40))
+    halfway = ((palette[pairs[0]] + palette[pairs[1]]) / 2).transpose(2, 0, 1)  # ties where the pair differs
+    exact = palette[pairs[0]].transpose(2, 0, 1)
+    for painted in (random, halfway, exact):
+        distances = torch.pow(torch.from_numpy(painted).permute(1, 2, 0)[:, :, None, :]
+                              - torch.from_numpy(palette), 2).sum(-1)  # [h, w, L+1]
+        index, ours = nearest_colours(painted, palette, distances=True)
+        np.testing.assert_array_equal(ours, distances.permute(2, 0, 1).numpy())
+        np.testing.assert_array_equal(index, distances.argmin(-1).numpy())
+        np.testing.assert_array_equal(nearest_colours(painted, palette)[0], index)
+    assert (pairs[0] != pairs[1]).sum() > 1000  # the half-way pixels hold real ties
 
 
 @pytest.mark.parametrize("problem, message", [

@@ -441,11 +441,36 @@ def resize_nearest(picture: np.ndarray, size: tuple[int, int] | None) -> np.ndar
     return picture[:, rows][:, :, cols]
 
 
-def palette_distances(painted: np.ndarray, palette: np.ndarray) -> np.ndarray:
-    """Squared distance of each pixel of a painted ``[3, h, w]`` answer to each palette colour: ``[h, w, L+1]``."""
-    pixels = painted.transpose(1, 2, 0)[:, :, None, :]  # [h, w, 1, 3]
-    diff = pixels - palette[None, None]  # [h, w, L+1, 3]
-    return (diff * diff).sum(-1)
+def nearest_colours(painted: np.ndarray, palette: np.ndarray, *, distances: bool = False,
+                    ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The nearest palette colour of each pixel of a painted ``[3, h, w]`` float32 answer: ``(index [h, w]
+    int64, the squared distances [L+1, h, w] float32 or None)``.
+
+    The distance of each colour is ``(dr * dr + dg * dg) + db * db`` in float32 and the first of equal
+    distances wins: transformers' arithmetic (``pow(pred - palette, 2).sum(-1)``, then ``argmin``), one
+    colour at a time, so that no ``[h, w, L+1, 3]`` difference array is made (500 MB for 103 labels at
+    448 x 448)."""
+    painted = np.asarray(painted, dtype=np.float32)
+    palette = np.asarray(palette, dtype=np.float32)
+    out = np.empty((len(palette), *painted.shape[1:]), np.float32) if distances else None
+    best = index = None
+    scratch = np.empty(painted.shape[1:], np.float32)
+    for label, colour in enumerate(palette):
+        total = out[label] if distances else np.empty(painted.shape[1:], np.float32)
+        for channel in range(3):
+            np.subtract(painted[channel], colour[channel], out=scratch)
+            np.multiply(scratch, scratch, out=scratch)
+            if channel == 0:
+                total[...] = scratch
+            else:
+                np.add(total, scratch, out=total)
+        if best is None:
+            best, index = total.copy(), np.zeros(total.shape, np.int64)
+        else:
+            closer = total < best
+            np.copyto(best, total, where=closer)
+            index[closer] = label
+    return index, out
 
 
 def smallest_uint(count: int) -> np.dtype:
@@ -461,9 +486,9 @@ def classes_from_painted(painted: np.ndarray, palette: np.ndarray, size: tuple[i
     The class is decided at the model's resolution and then resized: nearest selection commutes with
     the per-pixel argmin, so this equals transformers, which resizes first.
     """
-    distance = palette_distances(painted, palette)  # [h, w, L+1]
-    classes = resize_nearest(distance.argmin(-1)[None], size)[0]
-    scores = resize_nearest(-distance.transpose(2, 0, 1), size).astype(np.float32) if return_scores else None
+    index, distance = nearest_colours(painted, palette, distances=return_scores)
+    classes = resize_nearest(index[None], size)[0]
+    scores = resize_nearest(-distance, size) if return_scores else None
     return classes, scores
 
 

@@ -9,7 +9,7 @@ import functools
 import numpy as np
 
 from ..imaging.masks import build_palette
-from ..imaging.processor import palette_distances, resize_nearest, smallest_uint
+from ..imaging.processor import nearest_colours, resize_nearest, smallest_uint
 
 
 @dataclasses.dataclass
@@ -50,11 +50,11 @@ def result_from_painted(picture: np.ndarray, size: tuple[int, int], *, num_label
     smallest unsigned integer for the classes) is made at full size.
     """
     palette = _palette(1 if num_labels is None else num_labels)
-    distance = palette_distances(picture, palette)  # [h, w, L+1]
-    classes = distance.argmin(-1).astype(smallest_uint(len(palette)))
+    index, distance = nearest_colours(picture, palette, distances=return_scores)
+    classes = index.astype(smallest_uint(len(palette)))
     small = classes == 1 if num_labels is None else classes
     mask = resize_nearest(small[None], size)[0]
-    scores = resize_nearest(-distance.transpose(2, 0, 1), size).astype(np.float32) if return_scores else None
+    scores = resize_nearest(-distance, size) if return_scores else None
     return SegmentationResult(mask=mask, painted_small=np.ascontiguousarray(
         picture.astype(np.uint8).transpose(1, 2, 0)), scores=scores, source=source)
 
