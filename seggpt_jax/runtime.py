@@ -12,6 +12,7 @@ line can list these names in its ``--help`` without starting JAX.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from typing import Any
@@ -110,12 +111,16 @@ class RuntimeConfig:
 
             How much memory each policy saves is measured in ``benchmarks/RESULTS.md``
             (:func:`seggpt_jax.train.estimate_memory` compiles a training step to say it for a config).
+        cpu_tile_queries: at most this many queries per tile of the chunked attention (tiles are
+            whole grid rows that divide the grid); ``None`` (default): the value for this machine's
+            CPU (:func:`cpu_tile_queries`). Only the speed changes, not the numbers.
     """
 
     attention: str = "auto"
     scan_layers: bool = False
     remat_policy: str | None = None
     platform: str | None = None
+    cpu_tile_queries: int | None = None
 
     def __post_init__(self):
         if self.attention not in ATTENTION_IMPLS:
@@ -128,6 +133,10 @@ class RuntimeConfig:
             raise ValueError(f"scan_layers must be True or False, got {self.scan_layers!r}")
         if self.remat_policy is not None:
             remat_policy(self.remat_policy)  # validates
+        if self.cpu_tile_queries is not None and (isinstance(self.cpu_tile_queries, bool)
+                                                  or not isinstance(self.cpu_tile_queries, int)
+                                                  or self.cpu_tile_queries < 1):
+            raise ValueError(f"cpu_tile_queries must be a positive int or None, got {self.cpu_tile_queries!r}")
 
 
 #: Compute dtypes a model runs in (activations and matmuls; LayerNorm statistics and the softmax stay
@@ -201,10 +210,48 @@ def resolve_attention(impl: str, dtype: Any, platform: str | None = None) -> str
     return impl
 
 
-#: Queries per tile of the chunked (CPU) attention at most: a tile's ``[queries, N]`` float32 logits
-#: should stay in the core's cache (512 x 1568 x 4 bytes = 3.2 MB). Tiles are whole grid rows: 14 rows
-#: of 28 for ViT-L. (Measured to be the fastest on the AVX-512 machine, ``benchmarks/RESULTS.md``.)
-CPU_TILE_QUERIES = 512
+#: Queries per tile of the chunked (CPU) attention at most, by the kind of CPU (:func:`cpu_kind`); any
+#: kind not listed takes ``"default"``. Tiles are whole grid rows that divide the grid (ViT-L: 28 queries
+#: per row, 56 rows), so a value picks the largest such tile. Each entry is the fastest tile that
+#: ``python -m benchmarks.cpu_tile`` timed on that kind (``benchmarks/RESULTS.md``): on the Intel
+#: AVX-512 kind tiles of 28 rows (784 queries, 4.9 MB of float32 logits) and of a whole head (1568) are
+#: within 2% of each other and 6% faster than 14 rows; the smaller of the two holds half the memory.
+#: ``"default"`` is the former value for every machine (14 rows of ViT-L).
+CPU_TILE_QUERIES = {"intel-avx512": 784, "default": 512}
+
+
+def cpu_kind(cpuinfo: str | None = None) -> str:
+    """The kind of this machine's CPU, as :data:`CPU_TILE_QUERIES` keys it: the vendor and the widest x86
+    vector instruction set, ``"intel-avx512"``, ``"amd-avx512"``, ``"intel-avx2"``, ``"amd-avx2"``, or
+    ``"other"`` (another vendor or architecture, or no ``/proc/cpuinfo``). ``cpuinfo``: the text of a
+    ``/proc/cpuinfo`` (this machine's when ``None``)."""
+    if cpuinfo is None:
+        cpuinfo = _cpuinfo()
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    vendor = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(fields.get("vendor_id", ""))
+    flags = set(fields.get("flags", "").split())
+    isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else None
+    return f"{vendor}-{isa}" if vendor and isa else "other"
+
+
+@functools.lru_cache(maxsize=1)
+def _cpuinfo() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def cpu_tile_queries(runtime: "RuntimeConfig | None" = None) -> int:
+    """Queries per chunked-attention tile at most: ``runtime.cpu_tile_queries`` when set, else
+    :data:`CPU_TILE_QUERIES` for this machine's :func:`cpu_kind`."""
+    if runtime is not None and runtime.cpu_tile_queries is not None:
+        return runtime.cpu_tile_queries
+    return CPU_TILE_QUERIES.get(cpu_kind(), CPU_TILE_QUERIES["default"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,7 +266,7 @@ class ExecutionPlan:
         dtype: the compute dtype (:data:`COMPUTE_DTYPES`); precision: the matmul precision
             (:data:`PRECISIONS` or ``None``).
         scan_layers, remat_policy: as in :class:`RuntimeConfig`.
-        tile_queries: queries per tile of the chunked attention (:data:`CPU_TILE_QUERIES`).
+        tile_queries: queries per tile of the chunked attention at most (:func:`cpu_tile_queries`).
         interpret: run the Pallas kernel in its interpreter (on CPU, where it has no compiled form).
         gpu_backend: the Pallas lowering on GPU (``"triton"``: it also runs on A100s, where Mosaic GPU
             needs sm_90; see :mod:`seggpt_jax.nn.flash_attention`).
@@ -231,7 +278,7 @@ class ExecutionPlan:
     precision: str | None
     scan_layers: bool
     remat_policy: str | None
-    tile_queries: int = CPU_TILE_QUERIES
+    tile_queries: int = 512
     interpret: bool = False
     gpu_backend: str = "triton"
 
@@ -242,7 +289,7 @@ def plan(runtime: "RuntimeConfig", dtype: Any, precision: Any) -> ExecutionPlan:
     return ExecutionPlan(platform=name, attention=resolve_attention(runtime.attention, dtype, name),
                          dtype=dtype_name(dtype), precision=precision_name(precision),
                          scan_layers=runtime.scan_layers, remat_policy=runtime.remat_policy,
-                         interpret=name == "cpu")
+                         tile_queries=cpu_tile_queries(runtime), interpret=name == "cpu")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,7 @@ from flax import nnx
 from jax.ad_checkpoint import print_saved_residuals
 
 from seggpt_jax import ModelSettings, RuntimeConfig, SegGptConfig, SegGptForImageSegmentation, SegGptModel
+from seggpt_jax import runtime as seggpt_runtime
 from seggpt_jax.nn.attention import (attention_chunked, attention_plain, attention_widened, resolve_impl, widen)
 from seggpt_jax.nn.encoder import layer_segments
 from seggpt_jax.nn.inputs import prepare
@@ -414,3 +415,53 @@ def test_accelerator_benchmark_dry_run(tmp_path):
     assert sorted(report["transformers"]) == ["eager bfloat16", "eager float32"]
     assert report["agreement"]["flash"]["f32_max_abs_vs_transformers"] < 1e-4
     assert report["agreement"]["flash"]["bf16_class_map_agreement"] > 0.9
+
+
+# ------------------------------------------------------------------------------------ the CPU tile
+INTEL_AVX512 = "processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu sse2 avx avx2 fma avx512f avx512bw\n" * 2
+AMD_AVX2 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx avx2 fma\n"
+
+
+def test_cpu_kind_reads_the_vendor_and_the_widest_vector_set():
+    assert seggpt_runtime.cpu_kind(INTEL_AVX512) == "intel-avx512"
+    assert seggpt_runtime.cpu_kind(AMD_AVX2) == "amd-avx2"
+    assert seggpt_runtime.cpu_kind(AMD_AVX2.replace("avx2 fma", "avx2 fma avx512f")) == "amd-avx512"
+    assert seggpt_runtime.cpu_kind(AMD_AVX2.replace(" avx2", "")) == "other"  # AVX only
+    assert seggpt_runtime.cpu_kind("processor\t: 0\nCPU implementer\t: 0x41\nFeatures\t: fp asimd\n") == "other"  # arm64
+    assert seggpt_runtime.cpu_kind("") == "other"
+
+
+def test_the_plan_takes_the_machines_tile_unless_the_runtime_sets_one(monkeypatch):
+    for cpuinfo, expected in ((INTEL_AVX512, seggpt_runtime.CPU_TILE_QUERIES["intel-avx512"]),
+                              (AMD_AVX2, seggpt_runtime.CPU_TILE_QUERIES["default"])):
+        monkeypatch.setattr(seggpt_runtime, "_cpuinfo", lambda text=cpuinfo: text)
+        assert ModelSettings(runtime=RuntimeConfig(platform="cpu")).plan.tile_queries == expected
+        assert ModelSettings(runtime=RuntimeConfig(platform="cpu", cpu_tile_queries=56)).plan.tile_queries == 56
+    for bad in (0, -28, True, 1.5, "512"):
+        with pytest.raises(ValueError, match=r"cpu_tile_queries must be a positive int or None, got"):
+            RuntimeConfig(cpu_tile_queries=bad)
+
+
+def test_the_plans_tile_reaches_every_layer_and_changes_no_number(monkeypatch, hf_tiny):
+    """Tiles of 1 grid row (8 queries) and of the whole grid (128) on the same weights: the chunked
+    attention of every layer is called with the plan's tile, and the answers agree to float32 rounding."""
+    from seggpt_jax.nn import attention as attention_module
+
+    seen = []
+    real = attention_module.attention_chunked
+
+    def spy(*args, tile_rows=None, **kwargs):
+        seen.append(tile_rows)
+        return real(*args, tile_rows=tile_rows, **kwargs)
+
+    monkeypatch.setattr(attention_module, "attention_chunked", spy)
+    _, path = hf_tiny("nonsquare")
+    model = SegGptForImageSegmentation.from_pretrained(path, runtime=RuntimeConfig(attention="chunked"))
+    rows, cols = model.config.grid_size
+    inputs = random_inputs(model.config, batch=1, seed=3)
+    outputs = {}
+    for queries, tile_rows in ((cols, 1), (rows * cols, rows)):
+        seen.clear()
+        outputs[queries] = np.asarray(model.with_runtime(cpu_tile_queries=queries)(**inputs).pred_masks)
+        assert seen == [tile_rows] * model.config.num_hidden_layers, (queries, seen)  # the streams share a call
+    np.testing.assert_allclose(outputs[cols], outputs[rows * cols], atol=2e-5)

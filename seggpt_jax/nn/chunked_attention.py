@@ -12,10 +12,13 @@ with the *unscaled* query in the relative terms (transformers' ``add_decomposed_
     P = softmax(S) (float32),   O = P V,   lse[q] = log sum_k exp(s[q, k]).
 
 Forward (:func:`chunked_attention_forward`): a loop over tiles of ``tile_rows * W`` queries of one
-head (392 x 1568 logits for ViT-L's 56 x 28 grid: 2.5 MB, so the softmax and the relative adds stay in
-cache on CPU), in the order of operations of ``attention_plain`` (float32 rounding apart: each tile
-computes its own relative terms). Each tile yields its rows of ``O`` and of ``lse``; its logits and
-weights are dropped. The backward recomputes a tile's logits with the same code, bit for bit. With
+head (the execution plan's tile for the machine, :func:`seggpt_jax.runtime.cpu_tile_queries`: up to a
+whole head, 1568 x 1568 logits for ViT-L's 56 x 28 grid), the logits in the order of operations of
+``attention_plain`` (float32 rounding apart: each tile computes its own relative terms). The softmax is
+normalised after the product with ``V``, as FlashAttention does: ``O = (exp(S - max) V) / sum exp(S - max)``,
+one division per output element instead of one per logit (``jax.nn.softmax`` divides the weights
+first; the two differ by float32 rounding). Each tile yields its rows of ``O`` and of ``lse``; its
+logits and weights are dropped. The backward recomputes a tile's logits with the same code, bit for bit. With
 half-precision inputs the products accumulate into float32 logits that are never rounded to the
 input dtype (more accurate than ``attention_plain`` in bfloat16); the output is cast to v's dtype.
 
@@ -67,14 +70,15 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from ..runtime import CHUNKED_LSE_NAME, CHUNKED_OUT_NAME, CPU_TILE_QUERIES
+from ..runtime import CHUNKED_LSE_NAME, CHUNKED_OUT_NAME
 from .ops import relative_tables, zeros_after
 
 #: ``checkpoint_name`` of the attention output ``[B, N, heads, hd]`` saved for the backward pass, and of
 #: the per-query log-sum-exp ``[B * heads, N]`` (float32) (:mod:`seggpt_jax.runtime` owns the names).
 OUT_NAME, LSE_NAME = CHUNKED_OUT_NAME, CHUNKED_LSE_NAME
-#: Default cap on queries per tile: 512 x 1568 float32 logits (3.2 MB) still sit in a CPU's L2/L3.
-MAX_TILE_QUERIES = CPU_TILE_QUERIES
+#: Default cap on queries per tile when no execution plan gives one (a model's plan gives
+#: :func:`seggpt_jax.runtime.cpu_tile_queries`): 512 x 1568 float32 logits (3.2 MB) sit in a CPU's L2/L3.
+MAX_TILE_QUERIES = 512
 
 RelPos = tuple[jax.Array, jax.Array] | None
 
@@ -166,9 +170,8 @@ def chunked_attention_forward(q_heads: jax.Array, k_heads: jax.Array, v_heads: j
         peak = jnp.max(logits, axis=-1, keepdims=True)  # [r*W, 1]
         unnormalized = jnp.exp(logits - peak)  # [r*W, N]
         total = jnp.sum(unnormalized, axis=-1, keepdims=True)  # [r*W, 1]
-        weights = (unnormalized / total).astype(v_heads.dtype)  # jax.nn.softmax's arithmetic
-        out = jnp.einsum("qk,kd->qd", weights, v_heads[head], precision=precision,
-                         preferred_element_type=jnp.float32)  # [r*W, hd]
+        out = jnp.einsum("qk,kd->qd", unnormalized.astype(v_heads.dtype), v_heads[head], precision=precision,
+                         preferred_element_type=jnp.float32) / total  # [r*W, hd]: normalised after the product
         return out.astype(v_heads.dtype), (peak + jnp.log(total))[:, 0]
 
     def step(i: jax.Array, buffers: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
