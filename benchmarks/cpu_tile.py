@@ -5,9 +5,9 @@
 One run, one process, measures both sides of the ratio:
 
 * the floor: the forward's FLOPs (``benchmarks.benchmark.forward_flops``, 1.59 TFLOP for ViT-L at
-  batch 1) at the float32 matmul rate XLA reaches here (a 4096 x 4096 x 4096 ``jnp.dot``, best of
-  ``--repeats``, measured before and after the forwards; the higher rate is kept, so the floor is the
-  lower one);
+  batch 1) at the float32 matmul rate XLA reaches here (``benchmarks.benchmark.matmul_rate``: a 4096 x
+  4096 x 4096 matmul, best of ``--repeats``, measured before and after the forwards; the higher rate is
+  kept, so the floor is the lower one);
 * the forward (float32, one prompt, random weights, ``attention="chunked"``) with at most
   ``rows x 28`` queries per attention tile (``RuntimeConfig(cpu_tile_queries=...)``), each tile size
   timed ``--repeats`` times after a warm-up call, the sizes taken in turn so that a shared machine's
@@ -35,24 +35,7 @@ import platform
 import statistics
 import time
 
-from benchmarks.benchmark import forward_flops
-
-
-def matmul_rate(repeats: int, size: int = 4096) -> float:
-    """Float32 FLOP/s of XLA's best ``size``-cubed matmul of ``repeats`` (after a warm-up)."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
-    f = jax.jit(lambda x, y: jnp.dot(x, y, precision="highest"))
-    f(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        f(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best
+from benchmarks.benchmark import forward_flops, matmul_rate
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     from flax import nnx
 
     from seggpt_jax import RuntimeConfig, SegGptConfig, SegGptForImageSegmentation
+    from seggpt_jax.nn.chunked_attention import default_tile_rows
     from seggpt_jax.runtime import cpu_kind, cpu_tile_queries
 
     config = SegGptConfig.vit_large()
@@ -76,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         if r < 1 or rows % r:
             parser.error(f"--rows {r} does not divide the {rows} grid rows")
     flops = forward_flops(config, 1)
-    rates = [matmul_rate(args.repeats)]
+    rates = [matmul_rate(4096, repeats=args.repeats)]
     rng = np.random.default_rng(0)
     inputs = {name: rng.standard_normal((1, 3, *config.query_size), dtype=np.float32)
               for name in ("pixel_values", "prompt_pixel_values", "prompt_masks")}
@@ -93,11 +77,11 @@ def main(argv: list[str] | None = None) -> None:
             start = time.perf_counter()
             jax.block_until_ready(model(**inputs).pred_masks)
             times[r].append(time.perf_counter() - start)
-    rates.append(matmul_rate(args.repeats))
+    rates.append(matmul_rate(4096, repeats=args.repeats))
     rate = max(rates)
     floor = flops / rate
     planned = cpu_tile_queries()
-    planned_rows = max(r for r in range(1, rows + 1) if rows % r == 0 and r * cols <= planned)
+    planned_rows = default_tile_rows(rows, cols, max_queries=planned)
     results = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
                "cpu_kind": cpu_kind(), "xla_flags": os.environ.get("XLA_FLAGS", ""), "cores": os.cpu_count(),
                "load_average": os.getloadavg(), "jax": jax.__version__, "forward_tflop": flops / 1e12,

@@ -229,6 +229,8 @@ def cpu_kind(cpuinfo: str | None = None) -> str:
         cpuinfo = _cpuinfo()
     fields = {}
     for line in cpuinfo.splitlines():
+        if not line.strip() and fields:
+            break  # the first processor's block says it for all
         key, _, value = line.partition(":")
         fields.setdefault(key.strip(), value.strip())
     vendor = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(fields.get("vendor_id", ""))
@@ -278,7 +280,7 @@ class ExecutionPlan:
     precision: str | None
     scan_layers: bool
     remat_policy: str | None
-    tile_queries: int = 512
+    tile_queries: int = CPU_TILE_QUERIES["default"]
     interpret: bool = False
     gpu_backend: str = "triton"
 

@@ -70,15 +70,15 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from ..runtime import CHUNKED_LSE_NAME, CHUNKED_OUT_NAME
+from ..runtime import CHUNKED_LSE_NAME, CHUNKED_OUT_NAME, CPU_TILE_QUERIES
 from .ops import relative_tables, zeros_after
 
 #: ``checkpoint_name`` of the attention output ``[B, N, heads, hd]`` saved for the backward pass, and of
 #: the per-query log-sum-exp ``[B * heads, N]`` (float32) (:mod:`seggpt_jax.runtime` owns the names).
 OUT_NAME, LSE_NAME = CHUNKED_OUT_NAME, CHUNKED_LSE_NAME
 #: Default cap on queries per tile when no execution plan gives one (a model's plan gives
-#: :func:`seggpt_jax.runtime.cpu_tile_queries`): 512 x 1568 float32 logits (3.2 MB) sit in a CPU's L2/L3.
-MAX_TILE_QUERIES = 512
+#: :func:`seggpt_jax.runtime.cpu_tile_queries`): the runtime's default, 512 x 1568 float32 logits (3.2 MB).
+MAX_TILE_QUERIES = CPU_TILE_QUERIES["default"]
 
 RelPos = tuple[jax.Array, jax.Array] | None
 
