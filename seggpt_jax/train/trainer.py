@@ -344,11 +344,15 @@ def batch_loss_terms(model, batch: dict, dropout_rng=None) -> tuple[jax.Array, j
     return out.loss_terms
 
 
-def _make_step(graphdef, wrt, accum: int, drop_path: bool):
+def _make_step(graphdef, wrt, accum: int, drop_path: bool, shardings=None):
     """A jitted step over the (model, optimizer) state, which it donates: the optimizer writes the new
     parameters and moments over the old ones (XLA aliases every state buffer with its update), and
     each parameter's update runs as soon as its gradient is complete, so the gradients of the whole
-    model never coexist with the backward pass's activations."""
+    model never coexist with the backward pass's activations.
+
+    ``shardings``: the state's shardings (a tree like the state), which the new state keeps. Left to
+    itself XLA may lay an update out otherwise (it does for ``"fsdp"`` weights): the next step would
+    then be compiled again for the new layout, and no state buffer could be donated to its update."""
 
     @functools.partial(jax.jit, donate_argnums=(0,))
     def step(state, batch, key):
@@ -367,7 +371,10 @@ def _make_step(graphdef, wrt, accum: int, drop_path: bool):
             loss = loss + micro
             grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
         optimizer.update(model, grads)
-        return nnx.state((model, optimizer)), loss
+        new_state = nnx.state((model, optimizer))
+        if shardings is not None:
+            new_state = jax.lax.with_sharding_constraint(new_state, shardings)
+        return new_state, loss
 
     return step
 
@@ -439,10 +446,12 @@ class Trainer:
 
     def train_step(self, batch: dict) -> float:
         """One optimizer step on a batch (this process's rows of it, under ``jax.distributed``)."""
+        state = nnx.state((self.model, self.optimizer))
         if self._step_fn is None:
             graphdef, _ = nnx.split((self.model, self.optimizer))
-            self._step_fn = _make_step(graphdef, self._wrt, self.config.grad_accum, self.config.drop_path)
-        state = nnx.state((self.model, self.optimizer))
+            shardings = jax.tree.map(lambda leaf: leaf.sharding, state) if self.parallel.active else None
+            self._step_fn = _make_step(graphdef, self._wrt, self.config.grad_accum, self.config.drop_path,
+                                       shardings)
         with self.parallel.context():
             batch = self.parallel.shard(**batch)
             new_state, loss = self._step_fn(state, batch, jax.random.fold_in(self._key, self.step_count))

@@ -28,6 +28,17 @@ from common import CONFIG, build_model
 from seggpt_jax import Segmenter
 
 
+_COMPILES = [0]
+
+
+def _count_compile(event: str, duration: float, **kwargs) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        _COMPILES[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
 def _pictures(rng, count, size=(40, 50)):
     return [rng.integers(0, 256, (size[0] + 3 * i, size[1] + 2 * i, 3), dtype=np.uint8) for i in range(count)]
 
@@ -147,7 +158,9 @@ def trainer_checks(checks: dict, root: str) -> None:
         checks[f"{weights}: gradients (relative to their scale)"] = max(
             float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads))) / scale
         checks[f"{weights}: step loss"] = abs(float(trainer.train_step(batch)) - ref_step) / abs(ref_step)
+        compiled = _COMPILES[0]
         trainer.train_step(batches(1))
+        checks[f"{weights}: programs compiled by the second step"] = _COMPILES[0] - compiled
         params = nnx.state(trainer.model, nnx.Param)
         checks[f"{weights}: parameters after 2 AdamW steps (lr 1e-3)"] = max(
             float(np.abs(np.asarray(jax.device_get(a)) - np.asarray(jax.device_get(b))).max())
