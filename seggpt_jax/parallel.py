@@ -3,7 +3,8 @@
     mesh = parallel.make_mesh()                               # every device, ("data", "model") axes
     model = parallel.shard_model(model, mesh)                 # weights replicated (or weights="fsdp")
     batch = parallel.shard_batch(mesh, pixel_values=..., prompt_pixel_values=..., prompt_masks=...)
-    out = model(**batch)                                      # the usual call; XLA partitions it
+    with jax.set_mesh(mesh):                                  # the mesh in context while traced
+        out = model(**batch)                                  # the usual call; XLA partitions it
     pred = parallel.local_rows(out.pred_masks)                # this process's rows, as numpy
 
 On several hosts, call :func:`initialize` first in every process (same code everywhere: a TPU pod
@@ -39,10 +40,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from .nn.paths import path_key, stack_start
+from .runtime import DATA_AXIS, MODEL_AXIS
 
 logger = logging.getLogger(__name__)
 
-DATA, MODEL = "data", "model"
+DATA, MODEL = DATA_AXIS, MODEL_AXIS
 WEIGHT_LAYOUTS = ("replicated", "fsdp")
 
 

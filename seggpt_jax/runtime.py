@@ -44,6 +44,10 @@ FLASH_OUT_NAME, FLASH_LSE_NAME = "flash_out", "flash_lse"
 #: Without them the backward pass reruns the kernel's whole forward to get the log-sum-exp back.
 ATTENTION_RESIDUALS = (CHUNKED_OUT_NAME, CHUNKED_LSE_NAME, FLASH_OUT_NAME, FLASH_LSE_NAME)
 
+#: The axes of a device mesh (:func:`seggpt_jax.parallel.make_mesh`): the batch is split over ``"data"``;
+#: ``"model"`` is the second axis. Layers read the ``"data"`` axis from the mesh they are traced under.
+DATA_AXIS, MODEL_AXIS = "data", "model"
+
 #: Our remat policy names (see :class:`RuntimeConfig`); ``jax.checkpoint_policies`` names are accepted too.
 REMAT_POLICIES = ("full", "dots", "none")
 

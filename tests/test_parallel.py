@@ -28,6 +28,8 @@ def test_sharded_over_eight_devices_equals_one_device():
     assert len(errors) == 17  # 3 layouts x 5 cases, and a scanned model under FSDP x 2
     bad = {case: e for case, e in errors.items() if e > 2e-6}
     assert not bad, bad
+    # fsdp's split weights never make XLA gather an activation whole on every device (nn.ops.batch_sharded)
+    assert "Involuntary full rematerialization" not in result.stderr, result.stderr[-3000:]
 
 
 

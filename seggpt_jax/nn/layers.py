@@ -22,7 +22,7 @@ from jax.ad_checkpoint import checkpoint_name
 from ..config import SegGptConfig
 from ..runtime import ModelSettings  # noqa: F401 (re-exported: the settings live in runtime)
 from .attention import attention
-from .ops import activation, layer_norm, linear, resize_position_embeddings
+from .ops import activation, batch_sharded, layer_norm, linear, resize_position_embeddings
 
 Array = jax.Array
 Initializer = Callable[[Array, tuple[int, ...], Any], Array]
@@ -265,7 +265,7 @@ class SegGptDecoder(nnx.Module):
 
     def __call__(self, features: Array, settings: ModelSettings) -> Array:  # [B, h, w, C*taps] -> [B, H, W, 3]
         size, d = self.patch_size, self.decoder_hidden_size
-        x = self.decoder_embed(features, settings)  # [B, h, w, p*p*d]
+        x = batch_sharded(self.decoder_embed(features, settings))  # [B, h, w, p*p*d]: by rows, not by fsdp's weight
         batch, rows, cols, _ = x.shape
         x = x.reshape(batch, rows, cols, size, size, d).transpose(0, 1, 3, 2, 4, 5)
         x = x.reshape(batch, rows * size, cols * size, d)

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
+from ..runtime import DATA_AXIS
+
 _CUBIC_A = np.float32(-0.75)
 
 
@@ -223,6 +225,17 @@ def _one_after(cotangent: Any) -> jax.Array | None:
         return None
     zero = leaves[0].reshape(-1)[0].astype(jnp.float32) * 0
     return 1 + jnp.where(jnp.isnan(zero), jnp.float32(0), zero)
+
+
+def batch_sharded(x: jax.Array) -> jax.Array:
+    """``x`` split over the mesh's data axis along its first (batch) axis, when it is traced under a mesh
+    (``jax.set_mesh``) that has one, else unchanged. For activations that follow a matmul with split
+    (``"fsdp"``) weights: XLA may otherwise lay the product out as the weight is split, and an axis
+    permutation of it then needs the whole array on every device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or DATA_AXIS not in mesh.axis_names:
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(DATA_AXIS))
 
 
 def zeros_after(shape: tuple[int, ...], dtype: Any, dependency: Any) -> jax.Array:

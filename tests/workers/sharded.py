@@ -43,7 +43,8 @@ def main() -> None:
             reference = reference_model(**base, **extra)
             sharded_inputs = parallel.shard_batch(mesh, **base, labels=extra.get("labels"))
             rest = {k: v for k, v in extra.items() if k != "labels"}
-            out = model(**sharded_inputs, **rest)
+            with jax.set_mesh(mesh):  # as the README says: the mesh in context while the call is traced
+                out = model(**sharded_inputs, **rest)
             assert len(out.pred_masks.sharding.device_set) == 8
             error = float(np.abs(parallel.local_rows(out.pred_masks) - np.asarray(reference.pred_masks)).max())
             if reference.loss is not None:
