@@ -50,7 +50,7 @@ class Dense(nnx.Module):
         y = linear(x.astype(dt), self.kernel[...].astype(dt), settings.precision)
         if self.bias is not None:
             y = y + self.bias[...].astype(dt)
-        return y
+        return batch_sharded(y)  # under a mesh: split by rows, whatever the layout of the weights
 
 
 class Conv(nnx.Module):
@@ -68,7 +68,7 @@ class Conv(nnx.Module):
         pad = ((self.padding, self.padding), (self.padding, self.padding))
         y = jax.lax.conv_general_dilated(x.astype(dt), self.kernel[...].astype(dt), (1, 1), pad,
                                          dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=settings.precision)
-        return y + self.bias[...].astype(dt)
+        return batch_sharded(y + self.bias[...].astype(dt))  # under a mesh: split by rows
 
 
 class LayerNorm(nnx.Module):
@@ -265,7 +265,7 @@ class SegGptDecoder(nnx.Module):
 
     def __call__(self, features: Array, settings: ModelSettings) -> Array:  # [B, h, w, C*taps] -> [B, H, W, 3]
         size, d = self.patch_size, self.decoder_hidden_size
-        x = batch_sharded(self.decoder_embed(features, settings))  # [B, h, w, p*p*d]: by rows, not by fsdp's weight
+        x = self.decoder_embed(features, settings)  # [B, h, w, p*p*d]
         batch, rows, cols, _ = x.shape
         x = x.reshape(batch, rows, cols, size, size, d).transpose(0, 1, 3, 2, 4, 5)
         x = x.reshape(batch, rows * size, cols * size, d)
