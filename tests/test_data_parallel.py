@@ -56,6 +56,10 @@ def test_a_training_step_over_eight_devices_equals_one(checks, weights):
     assert checks[f"{weights}: parameters after 2 AdamW steps (lr 1e-3)"] <= 2e-5
     # the updated state keeps the layout the step was compiled for (fsdp's updates did not, once)
     assert checks[f"{weights}: programs compiled by the second step"] == 0
+    # each device attends over its own rows (nn.attention.chunked_over_mesh): no activation is gathered (the
+    # whole batch's per-head q, k and v were, once); fsdp gathers its split weights, replicated nothing
+    assert checks[f"{weights}: gathered arrays that are not parameters"] == []
+    assert (checks[f"{weights}: arrays gathered in the step"] > 0) == (weights == "fsdp")
 
 
 def test_no_activation_is_gathered_whole_on_every_device(checks):

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 
 from .chunked_attention import attention_chunked, default_tile_rows
 from ..runtime import ATTENTION_IMPLS, PLATFORMS, ExecutionPlan, backend_of, platform_name  # noqa: F401
+from ..runtime import DATA_AXIS
 from ..runtime import resolve_attention as resolve_impl  # noqa: F401 (the rule lives in runtime)
 from .flash_attention import FlashOptions, attention_flash
 from .ops import relative_tables
@@ -129,6 +130,33 @@ def attention_widened(
     return out[..., :dim]
 
 
+def chunked_over_mesh(q, k, v, *, rel_pos, **kwargs) -> jax.Array:
+    """:func:`~seggpt_jax.nn.chunked_attention.attention_chunked`, each device on its own rows of the batch
+    under a mesh in context (``jax.set_mesh``) whose data axis divides it; as it is otherwise.
+
+    XLA cannot split the tile loop over a sharded batch: left to itself it gathers every row's q, k
+    and v on every device and runs the whole batch's attention on each. Rows are independent, so the
+    split is exact. The relative-position tables go in as one copy per row (a broadcast), so that each
+    device's gradient of them is a sum over its rows and the broadcast's transpose adds the devices'."""
+    mesh = jax.sharding.get_abstract_mesh()
+    manual = set(getattr(mesh, "manual_axes", ()))
+    if (mesh.empty or DATA_AXIS not in mesh.axis_names or DATA_AXIS in manual or mesh.shape[DATA_AXIS] == 1
+            or q.shape[0] % mesh.shape[DATA_AXIS]):
+        return attention_chunked(q, k, v, rel_pos=rel_pos, **kwargs)
+    rows = jax.sharding.PartitionSpec(DATA_AXIS)
+    if rel_pos is None:
+        def per_device(q, k, v):
+            return attention_chunked(q, k, v, rel_pos=None, **kwargs)
+
+        tables = ()
+    else:
+        def per_device(q, k, v, table_h, table_w):  # [B/d, 2H-1, hd], [B/d, 2W-1, hd]: the same table in each row
+            return attention_chunked(q, k, v, rel_pos=(table_h[0], table_w[0]), **kwargs)
+
+        tables = tuple(jnp.broadcast_to(t, (q.shape[0], *t.shape)) for t in rel_pos)
+    return jax.shard_map(per_device, mesh=mesh, in_specs=rows, out_specs=rows, check_vma=False)(q, k, v, *tables)
+
+
 def attention(q, k, v, *, plan: ExecutionPlan | None = None, impl: str | None = None, scale: float,
               grid: tuple[int, int], rel_pos, precision=None, platform: str | None = None,
               flash: FlashOptions | None = None) -> jax.Array:
@@ -144,7 +172,7 @@ def attention(q, k, v, *, plan: ExecutionPlan | None = None, impl: str | None = 
         return attention_plain(q, k, v, **kwargs)
     if impl == "chunked":
         tile_rows = None if plan is None else default_tile_rows(*grid, max_queries=plan.tile_queries)
-        return attention_chunked(q, k, v, tile_rows=tile_rows, **kwargs)
+        return chunked_over_mesh(q, k, v, tile_rows=tile_rows, **kwargs)
     if impl == "flash":
         return attention_flash(q, k, v, platform=backend_of(platform), **(flash or FlashOptions()).kwargs(), **kwargs)
     if impl == "widened":

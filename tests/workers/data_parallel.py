@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 import tempfile
 
@@ -161,6 +162,15 @@ def trainer_checks(checks: dict, root: str) -> None:
         compiled = _COMPILES[0]
         trainer.train_step(batches(1))
         checks[f"{weights}: programs compiled by the second step"] = _COMPILES[0] - compiled
+        with trainer.parallel.context():  # the step's program: what crosses between devices
+            program = trainer._step_fn.lower(nnx.state((trainer.model, trainer.optimizer)), shard,
+                                             jax.random.key(0)).compile().as_text()
+        gathered = [tuple(int(d) for d in dims.split(",") if d)
+                    for line in program.splitlines() if re.search(r" all-gather(-start)?\(", line)
+                    for dims in re.findall(r"[a-z0-9]+\[([0-9,]*)\]", line.split(" all-gather")[0].split("=", 1)[-1])]
+        parameters = {tuple(leaf.shape) for leaf in jax.tree.leaves(nnx.state(trainer.model, nnx.Param))}
+        checks[f"{weights}: arrays gathered in the step"] = len(gathered)
+        checks[f"{weights}: gathered arrays that are not parameters"] = sorted(set(gathered) - parameters)
         params = nnx.state(trainer.model, nnx.Param)
         checks[f"{weights}: parameters after 2 AdamW steps (lr 1e-3)"] = max(
             float(np.abs(np.asarray(jax.device_get(a)) - np.asarray(jax.device_get(b))).max())
