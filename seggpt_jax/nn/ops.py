@@ -233,8 +233,9 @@ def batch_sharded(x: jax.Array) -> jax.Array:
     (``"fsdp"``) weights: XLA may otherwise lay the product out as the weight is split, and an axis
     permutation of it then needs the whole array on every device."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or DATA_AXIS not in mesh.axis_names:
-        return x
+    if (mesh.empty or DATA_AXIS not in mesh.axis_names or DATA_AXIS in set(getattr(mesh, "manual_axes", ()))
+            or x.ndim == 0 or x.shape[0] % mesh.shape[DATA_AXIS]):
+        return x  # no mesh, inside the caller's own shard_map over it, or rows that do not divide over it
     return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(DATA_AXIS))
 
 
