@@ -45,7 +45,8 @@ FLASH_OUT_NAME, FLASH_LSE_NAME = "flash_out", "flash_lse"
 ATTENTION_RESIDUALS = (CHUNKED_OUT_NAME, CHUNKED_LSE_NAME, FLASH_OUT_NAME, FLASH_LSE_NAME)
 
 #: The axes of a device mesh (:func:`seggpt_jax.parallel.make_mesh`): the batch is split over ``"data"``;
-#: ``"model"`` is the second axis. Layers read the ``"data"`` axis from the mesh they are traced under.
+#: ``"model"`` is the second axis (the flash kernel splits heads over it). Layers read them from the mesh
+#: they are traced under.
 DATA_AXIS, MODEL_AXIS = "data", "model"
 
 #: Our remat policy names (see :class:`RuntimeConfig`); ``jax.checkpoint_policies`` names are accepted too.

@@ -73,7 +73,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
-from ..runtime import FLASH_LSE_NAME, FLASH_OUT_NAME, backend_of
+from ..runtime import DATA_AXIS, FLASH_LSE_NAME, FLASH_OUT_NAME, MODEL_AXIS, backend_of
 from . import flash_kernels as kernels
 from .flash_kernels import HALF_MASK, TPU_LANES, TRITON_MIN_DOT, BlockSizes, KernelSpec
 from .ops import relative_tables
@@ -95,8 +95,8 @@ class Partitioning:
     (the product's meshes: ``("data", "model")``). Axes missing from the mesh, of size 1, already
     manual (inside the caller's own ``shard_map``) or not dividing the dimension are left out."""
 
-    batch: tuple[str, ...] = ("data",)
-    heads: tuple[str, ...] = ("model",)
+    batch: tuple[str, ...] = (DATA_AXIS,)
+    heads: tuple[str, ...] = (MODEL_AXIS,)
 
 
 @dataclasses.dataclass(frozen=True)
