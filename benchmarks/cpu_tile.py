@@ -33,9 +33,8 @@ import json
 import os
 import platform
 import statistics
-import time
 
-from benchmarks.benchmark import forward_flops, matmul_rate
+from benchmarks.benchmark import forward_flops, matmul_rate, timed
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,17 +65,13 @@ def main(argv: list[str] | None = None) -> None:
               for name in ("pixel_values", "prompt_pixel_values", "prompt_masks")}
     base = SegGptForImageSegmentation(config, runtime=RuntimeConfig(attention="chunked"), rngs=nnx.Rngs(0))
     models = {r: base.with_runtime(cpu_tile_queries=r * cols) for r in args.rows}
-    compile_s = {}
-    for r, model in models.items():
-        start = time.perf_counter()
-        jax.block_until_ready(model(**inputs).pred_masks)
-        compile_s[r] = time.perf_counter() - start
+    forwards = {r: (lambda model=model: jax.block_until_ready(model(**inputs).pred_masks))
+                for r, model in models.items()}
+    compile_s = {r: timed(forward, 1)[0] for r, forward in forwards.items()}
     times: dict[int, list[float]] = {r: [] for r in args.rows}
-    for _ in range(args.repeats):
-        for r, model in models.items():
-            start = time.perf_counter()
-            jax.block_until_ready(model(**inputs).pred_masks)
-            times[r].append(time.perf_counter() - start)
+    for _ in range(args.repeats):  # the sizes in turn: a shared machine's changing load falls on all alike
+        for r, forward in forwards.items():
+            times[r] += timed(forward, 1)
     rates.append(matmul_rate(4096, repeats=args.repeats))
     rate = max(rates)
     floor = flops / rate

@@ -16,14 +16,11 @@ import argparse
 import time
 import tracemalloc
 
+from benchmarks.benchmark import timed
+
 
 def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(timed(fn, repeats))
 
 
 class _Out:
