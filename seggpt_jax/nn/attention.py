@@ -47,7 +47,7 @@ from ..runtime import ATTENTION_IMPLS, PLATFORMS, ExecutionPlan, backend_of, pla
 from ..runtime import DATA_AXIS
 from ..runtime import resolve_attention as resolve_impl  # noqa: F401 (the rule lives in runtime)
 from .flash_attention import FlashOptions, attention_flash
-from .ops import relative_tables
+from .ops import relative_tables, rows_mesh
 
 
 def attention_plain(
@@ -132,16 +132,15 @@ def attention_widened(
 
 def chunked_over_mesh(q, k, v, *, rel_pos, **kwargs) -> jax.Array:
     """:func:`~seggpt_jax.nn.chunked_attention.attention_chunked`, each device on its own rows of the batch
-    under a mesh in context (``jax.set_mesh``) whose data axis divides it; as it is otherwise.
+    under a mesh in context whose data axis divides it (:func:`~seggpt_jax.nn.ops.rows_mesh`); as it is
+    otherwise.
 
     XLA cannot split the tile loop over a sharded batch: left to itself it gathers every row's q, k
     and v on every device and runs the whole batch's attention on each. Rows are independent, so the
     split is exact. The relative-position tables go in as one copy per row (a broadcast), so that each
     device's gradient of them is a sum over its rows and the broadcast's transpose adds the devices'."""
-    mesh = jax.sharding.get_abstract_mesh()
-    manual = set(getattr(mesh, "manual_axes", ()))
-    if (mesh.empty or DATA_AXIS not in mesh.axis_names or DATA_AXIS in manual or mesh.shape[DATA_AXIS] == 1
-            or q.shape[0] % mesh.shape[DATA_AXIS]):
+    mesh = rows_mesh(q.shape[0])
+    if mesh is None or mesh.shape[DATA_AXIS] == 1:  # nothing to split
         return attention_chunked(q, k, v, rel_pos=rel_pos, **kwargs)
     rows = jax.sharding.PartitionSpec(DATA_AXIS)
     if rel_pos is None:

@@ -227,15 +227,24 @@ def _one_after(cotangent: Any) -> jax.Array | None:
     return 1 + jnp.where(jnp.isnan(zero), jnp.float32(0), zero)
 
 
-def batch_sharded(x: jax.Array) -> jax.Array:
-    """``x`` split over the mesh's data axis along its first (batch) axis, when it is traced under a mesh
-    (``jax.set_mesh``) that has one, else unchanged. For activations that follow a matmul with split
-    (``"fsdp"``) weights: XLA may otherwise lay the product out as the weight is split, and an axis
-    permutation of it then needs the whole array on every device."""
+def rows_mesh(rows: int):
+    """The mesh in context (``jax.set_mesh``, at trace time) when ``rows`` batch rows split over its data
+    axis; ``None`` with no mesh, no data axis, inside the caller's own ``shard_map`` over it, or rows
+    that do not divide over it."""
     mesh = jax.sharding.get_abstract_mesh()
     if (mesh.empty or DATA_AXIS not in mesh.axis_names or DATA_AXIS in set(getattr(mesh, "manual_axes", ()))
-            or x.ndim == 0 or x.shape[0] % mesh.shape[DATA_AXIS]):
-        return x  # no mesh, inside the caller's own shard_map over it, or rows that do not divide over it
+            or rows % mesh.shape[DATA_AXIS]):
+        return None
+    return mesh
+
+
+def batch_sharded(x: jax.Array) -> jax.Array:
+    """``x`` split over the mesh's data axis along its first (batch) axis, when :func:`rows_mesh` gives a
+    mesh for its rows, else unchanged. For activations that follow a matmul with split (``"fsdp"``)
+    weights: XLA may otherwise lay the product out as the weight is split, and an axis permutation of
+    it then needs the whole array on every device."""
+    if x.ndim == 0 or rows_mesh(x.shape[0]) is None:
+        return x
     return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(DATA_AXIS))
 
 
